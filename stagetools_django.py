@@ -1,0 +1,203 @@
+"""stagetools_django: Django settings defaults and entry points of a stagetools installation.
+
+Import it only where Django (4.2 LTS or newer) is installed. It imports Django
+lazily, so ``import stagetools_django`` stays cheap until a setting is read.
+
+- settings: in ``stagetools_project/settings.py``::
+
+      from stagetools_django import settings_defaults
+      globals().update(settings_defaults())   # SQLite; settings_defaults("postgresql")
+
+- entry points (each imports ``aaa_env_setup`` first)::
+
+      python -m stagetools_django migrate                        # manage.py
+      uvicorn stagetools_django:asgi_application                 # also hypercorn
+      gunicorn stagetools_django:wsgi_application
+"""
+
+import importlib
+import importlib.util
+import sys
+
+import stagetools
+
+__all__ = ["check_installation", "manage", "settings_defaults"]
+
+# Production (QUAL and PROD) runs behind a TLS-terminating nginx on the same host
+# that redirects HTTP to HTTPS and sets X-Forwarded-Proto (see the README).
+_SILENCED_IN_PRODUCTION = [
+    "security.W004",  # HSTS is the site owner's decision: mistakes are irreversible
+    "security.W008",  # nginx redirects HTTP to HTTPS; Django would loop without the proxy
+]
+_ENV_SETUP_HELP = """create aaa_env_setup.py at the top of your repo (next to stagetools_project/), \
+importable by the server and by manage, with:
+    import os
+    from stagetools import get_actual_system_from_name
+    SYSTEM = get_actual_system_from_name()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)"""
+
+
+def _env_setup():
+    """Import aaa_env_setup first, as every entry point must; return the installation's system."""
+    try:
+        module = importlib.import_module("aaa_env_setup")
+    except ModuleNotFoundError as error:
+        if error.name != "aaa_env_setup":
+            raise
+        raise stagetools.StagetoolsError(
+            f"cannot import aaa_env_setup (python {sys.executable}): {_ENV_SETUP_HELP}") from None
+    system = getattr(module, "SYSTEM", None)
+    return system if isinstance(system, stagetools.System) else \
+        stagetools.get_actual_system_from_name()
+
+
+def settings_defaults(database="sqlite", system=None):
+    """Django settings for the installation: ``globals().update(settings_defaults())``.
+
+    ``database`` is "sqlite" (the file ``database_sqlite_path``) or "postgresql"
+    (database and role named after the installation, peer authentication over
+    the local socket, no password).
+    """
+    system = system or _env_setup()
+    databases = {
+        "sqlite": {"ENGINE": "django.db.backends.sqlite3",
+                   "NAME": str(system.database_sqlite_path)},
+        "postgresql": {"ENGINE": "django.db.backends.postgresql",
+                       "NAME": system.database_name, "USER": system.database_user,
+                       "PASSWORD": "",
+                       # libpq's compiled-in socket directory differs between builds.
+                       "HOST": str(system.database_socket_dir), "PORT": ""},
+    }
+    if database not in databases:
+        raise stagetools.StagetoolsError(f"invalid database {database!r}: choose 'sqlite' or "
+                                         "'postgresql'")
+    # Registered here, because every stagetools settings module comes through here.
+    from django.core import checks
+    checks.register(check_installation)
+    production = not system.is_debug
+    settings = {
+        "STAGETOOLS_NAME": system.name,
+        "BASE_DIR": system.base_dir,
+        # SECURITY WARNING: DEBUG is off in QUAL and PROD, and a check refuses it there.
+        "DEBUG": system.is_debug,
+        # SECURITY WARNING: the key lives in a 0600 file of the installation, not in the repo.
+        "SECRET_KEY": stagetools.read_secret_key(system),
+        # Add your domain in settings.py: ALLOWED_HOSTS += ["shop.example.com"].
+        "ALLOWED_HOSTS": [f"{system.container}.localhost", "localhost", "127.0.0.1", "[::1]"],
+        "INSTALLED_APPS": [
+            "django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
+            "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles",
+        ] + ([system.core_app] if importlib.util.find_spec(system.core_app) else []),
+        "MIDDLEWARE": [
+            "django.middleware.security.SecurityMiddleware",
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.middleware.common.CommonMiddleware",
+            "django.middleware.csrf.CsrfViewMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "django.contrib.messages.middleware.MessageMiddleware",
+            "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        ],
+        "ROOT_URLCONF": system.django_rooturls,
+        "WSGI_APPLICATION": system.django_wsgi_application,
+        "TEMPLATES": [{
+            "BACKEND": "django.template.backends.django.DjangoTemplates",
+            "DIRS": [], "APP_DIRS": True,
+            "OPTIONS": {"context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]},
+        }],
+        "DATABASES": {"default": databases[database]},
+        "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
+        "STATIC_URL": system.static_url,
+        "STATIC_ROOT": system.static_dir,
+        "MEDIA_URL": system.media_url,
+        "MEDIA_ROOT": system.media_dir,
+        # Installations that share a domain must not read each other's cookies or cache.
+        "SESSION_COOKIE_NAME": f"{system.name}_sessionid",
+        "CSRF_COOKIE_NAME": f"{system.name}_csrftoken",
+        "LANGUAGE_COOKIE_NAME": f"{system.name}_language",
+        "CACHES": {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                               "KEY_PREFIX": system.name}},
+        # Production: HTTPS ends at nginx on this host, which sets X-Forwarded-Proto.
+        "SESSION_COOKIE_SECURE": production,
+        "CSRF_COOKIE_SECURE": production,
+        "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https") if production else None,
+        "SILENCED_SYSTEM_CHECKS": list(_SILENCED_IN_PRODUCTION) if production else [],
+    }
+    return settings
+
+
+def check_installation(app_configs=None, **kwargs):
+    """Django system check: the settings must not contradict the installation."""
+    from django.conf import settings
+    from django.core.checks import Error, Warning
+
+    name = getattr(settings, "STAGETOOLS_NAME", None)
+    if name is None:
+        return []
+    system = _env_setup()
+    problems = []
+    if settings.DEBUG and not system.is_debug:
+        problems.append(Error(
+            f"DEBUG is on in the {system.stage.label.upper()} installation {system.name!r}",
+            hint="remove DEBUG = True from your settings: DEBUG is for DEV and INT only",
+            id="stagetools.E001"))
+    if name != system.name:
+        problems.append(Warning(
+            f"settings were made for {name!r} but this process runs in {system.name!r}",
+            hint="do not copy settings between installations; let stagetools fill them in",
+            id="stagetools.W002"))
+    database = settings.DATABASES.get("default", {})
+    expected = {"django.db.backends.sqlite3": str(system.database_sqlite_path),
+                "django.db.backends.postgresql": system.database_name}
+    wanted = expected.get(database.get("ENGINE"))
+    if wanted is not None and str(database.get("NAME")) != wanted:
+        problems.append(Warning(
+            f"the default database is {database.get('NAME')!r}, not the installation's "
+            f"{wanted!r}", hint="remove the NAME override from DATABASES in your settings",
+            id="stagetools.W003"))
+    return problems
+
+
+def _refuse_debug_in_production():
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    for problem in check_installation():
+        if problem.is_serious():
+            raise ImproperlyConfigured(f"{problem.msg}: {problem.hint} ({problem.id})")
+
+
+def __getattr__(attribute):
+    """The ASGI and WSGI applications, built on first access (PEP 562)."""
+    builders = {"asgi_application": "django.core.asgi.get_asgi_application",
+                "wsgi_application": "django.core.wsgi.get_wsgi_application"}
+    if attribute not in builders:
+        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+    _env_setup()
+    module_name, _, function_name = builders[attribute].rpartition(".")
+    application = getattr(importlib.import_module(module_name), function_name)()
+    _refuse_debug_in_production()
+    globals()[attribute] = application
+    return application
+
+
+def manage(argv=None):
+    """What manage.py does, after aaa_env_setup: ``python -m stagetools_django migrate``."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.management import execute_from_command_line
+    try:
+        _env_setup()
+        # Load settings here: Django's own command runner hides errors in them.
+        settings.INSTALLED_APPS
+    except (stagetools.StagetoolsError, ImproperlyConfigured) as error:
+        print(f"stagetools: error: {error}", file=sys.stderr)
+        return 2
+    execute_from_command_line(argv or sys.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(manage())
