@@ -117,8 +117,6 @@ def parse_name(name):
     bad = sorted(set(re.sub(r"[a-z0-9_]", "", name)))
     if bad:
         _refuse_name(name, f"it has the characters {''.join(bad)!r}", "use a-z, 0-9 and _ only")
-    if not name[0].isalpha():
-        _refuse_name(name, "it must start with a letter", f"for example {_EXAMPLE_NAME!r}")
     configuration, underscore, stage_name = name.rpartition("_")
     if not underscore:
         _refuse_name(name, "it has no underscore between configuration and stage name",
@@ -129,6 +127,8 @@ def parse_name(name):
     if not configuration.strip("_"):
         _refuse_name(name, "the configuration before the last underscore is empty",
                      f"for example {'shop_' + stage_name!r}")
+    if not name[0].isalpha():
+        _refuse_name(name, "it must start with a letter", f"for example {_EXAMPLE_NAME!r}")
     stage = _STAGE_BY_LETTER.get(stage_name[0])
     if stage is None:
         _refuse_name(name, f"the stage name {stage_name!r} does not start with a stage letter "

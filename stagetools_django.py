@@ -17,6 +17,7 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import stagetools
@@ -65,8 +66,10 @@ def settings_defaults(database="sqlite", system=None):
         "postgresql": {"ENGINE": "django.db.backends.postgresql",
                        "NAME": system.database_name, "USER": system.database_user,
                        "PASSWORD": "",
-                       # libpq's compiled-in socket directory differs between builds.
-                       "HOST": str(system.database_socket_dir), "PORT": ""},
+                       # libpq's compiled-in socket directory differs between builds,
+                       # so name it, unless libpq's own PGHOST says otherwise.
+                       "HOST": os.environ.get("PGHOST") or str(system.database_socket_dir),
+                       "PORT": ""},
     }
     if database not in databases:
         raise stagetools.StagetoolsError(f"invalid database {database!r}: choose 'sqlite' or "

@@ -1,0 +1,511 @@
+"""Tests of stagetools: run with ``bash .ci/run`` (or pytest in a venv with the test extra).
+
+Real components: virtualenvs, Django served by uvicorn, hypercorn and gunicorn,
+a throwaway PostgreSQL cluster, systemd-analyze, nginx. Tests that need root or
+a missing binary skip with the reason on a developer box; CI is root and has all.
+"""
+
+import contextlib
+import glob
+import http.client
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stagetools
+
+HERE = Path(__file__).resolve().parent
+STAGETOOLS = HERE / "stagetools.py"
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (CI runs as root)")
+# Installations served as their own users need a Python those users may run.
+SYSTEM_PYTHON = "/usr/bin/python3"
+WAIT_SECONDS = 60
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def clean_env(**extra):
+    env = {key: value for key, value in os.environ.items()
+           if key not in (stagetools.ENV_NAME, "PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(extra)
+    return env
+
+
+def run(command, check=True, **kwargs):
+    kwargs.setdefault("env", clean_env())
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True,
+                            timeout=600, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}:\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result
+
+
+def cli(*args, python=sys.executable, script=STAGETOOLS, **kwargs):
+    return run([python, script, *args], check=False, **kwargs)
+
+
+def show_json(*args, **kwargs):
+    result = cli("show", *args, "--json", **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(where, path, headers=None, method="GET", body=None):
+    """One request to ('127.0.0.1', port) or a Unix socket path; returns (status, headers, body)."""
+    if isinstance(where, tuple):
+        connection = http.client.HTTPConnection(*where, timeout=10)
+    else:
+        connection = _UnixHTTPConnection(where)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=10)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(self.unix_path))
+
+
+def wait_for_http(where, process, path="/", log=None):
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited {process.returncode}: {read_log(log)}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return http_get(where, path)
+        time.sleep(0.2)
+    raise AssertionError(f"server did not answer within {WAIT_SECONDS} s: {read_log(log)}")
+
+
+def read_log(log):
+    return Path(log).read_text(errors="replace")[-3000:] if log else ""
+
+
+@contextlib.contextmanager
+def serving(command, where, log, **kwargs):
+    """Run a server until the block ends; it must answer at ``where`` first."""
+    with open(log, "w") as output:
+        process = subprocess.Popen([str(part) for part in command], stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    try:
+        wait_for_http(where, process, log=log)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait(timeout=15)
+
+
+def new_installation(directory, *args, user=None, env=None):
+    """Create an installation with the README's one-command start."""
+    command = [sys.executable, STAGETOOLS, "new", directory, *args]
+    if user:
+        command = ["runuser", "-u", user, "--", SYSTEM_PYTHON, STAGETOOLS, "new", directory,
+                   "--python", SYSTEM_PYTHON, *args]
+    result = run(command, check=False, env=env or clean_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# ---------------------------------------------------------------- the naming convention
+
+SHOP_PROD = {
+    "name": "shop_prod", "name_source": "argument", "user": "shop_prod", "group": "shop_prod",
+    "container": "shop-prod", "configuration": "shop", "stage_name": "prod", "stage": "prod",
+    "core_repo": "shop", "core_app": "shop", "is_debug": False, "framework": "django",
+    "server": "gunicorn",
+    "base_dir": "/home/shop_prod", "venv_dir": "/home/shop_prod",
+    "bin_dir": "/home/shop_prod/bin", "lib_dir": "/home/shop_prod/lib",
+    "src_dir": "/home/shop_prod/src", "python_path": "/home/shop_prod/bin/python",
+    "pip_path": "/home/shop_prod/bin/pip", "core_repo_dir": "/home/shop_prod/src/shop",
+    "static_url": "static/", "static_dir": "/home/shop_prod/static",
+    "media_url": "media/", "media_dir": "/home/shop_prod/media",
+    "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
+    "secret_key_path": "/home/shop_prod/secret_key",
+    "application_name": "application", "asgi_module": "stagetools_django",
+    "asgi_application": "stagetools_django:asgi_application",
+    "wsgi_module": "stagetools_django",
+    "wsgi_application": "stagetools_django:wsgi_application",
+    "django_project": "stagetools_project", "django_settings": "stagetools_project.settings",
+    "django_rooturls": "stagetools_project.urls",
+    "django_wsgi_application": "stagetools_django.wsgi_application",
+    "manage_py_path": "/home/shop_prod/src/shop/manage.py",
+    "database_name": "shop_prod", "database_user": "shop_prod",
+    "database_sqlite_path": "/home/shop_prod/shop.sqlite",
+    "database_socket_dir": "/var/run/postgresql",
+}
+
+
+def expected_attributes(name, base_dir, configuration, stage_name, stage, core_repo,
+                        core_app=None, **overrides):
+    """SHOP_PROD's table, written out again for another name (no derivation code shared)."""
+    core_app = core_app or core_repo
+    b = base_dir
+    values = {
+        "name": name, "name_source": "argument", "user": name, "group": name,
+        "container": name.replace("_", "-"), "configuration": configuration,
+        "stage_name": stage_name, "stage": stage, "core_repo": core_repo, "core_app": core_app,
+        "is_debug": stage in ("dev", "int"), "framework": "django", "server": "gunicorn",
+        "base_dir": b, "venv_dir": b, "bin_dir": f"{b}/bin", "lib_dir": f"{b}/lib",
+        "src_dir": f"{b}/src", "python_path": f"{b}/bin/python", "pip_path": f"{b}/bin/pip",
+        "core_repo_dir": f"{b}/src/{core_repo}", "static_url": "static/",
+        "static_dir": f"{b}/static", "media_url": "media/", "media_dir": f"{b}/media",
+        "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
+        "secret_key_path": f"{b}/secret_key",
+        "manage_py_path": f"{b}/src/{core_repo}/manage.py",
+        "database_name": name, "database_user": name,
+        "database_sqlite_path": f"{b}/{core_repo}.sqlite",
+    }
+    values.update(overrides)
+    return {**SHOP_PROD, **values}
+
+
+def attributes(system):
+    data = system.as_dict()
+    del data["services"]
+    return data
+
+
+def test_shop_prod__every_attribute():
+    system = stagetools.get_expected_system_from_name("shop_prod")
+    assert attributes(system) == SHOP_PROD
+    assert system.stage is stagetools.Stage.PROD == stagetools.STAGE_PROD == 0
+    assert isinstance(system.base_dir, Path)
+
+
+def test_my_shop_dsven__splits_at_the_last_underscore():
+    system = stagetools.get_expected_system_from_name("my_shop_dsven")
+    assert attributes(system) == expected_attributes(
+        "my_shop_dsven", "/home/my_shop_dsven", "my_shop", "dsven", "dev", "my_shop")
+    assert system.stage == stagetools.STAGE_DEV == 3 and system.is_debug
+
+
+def test_acme_p2__core_repo_given():
+    system = stagetools.get_expected_system_from_name("acme_p2", core_repo="shop")
+    assert attributes(system) == expected_attributes(
+        "acme_p2", "/home/acme_p2", "acme", "p2", "prod", "shop")
+    assert not system.is_debug
+
+
+def test_core_app_given_and_base_dir_given(tmp_path):
+    system = stagetools.get_expected_system_from_name(
+        "shop_int", base_dir=tmp_path / "shop_int", core_app="shopcore")
+    assert attributes(system) == expected_attributes(
+        "shop_int", f"{tmp_path}/shop_int", "shop", "int", "int", "shop", core_app="shopcore")
+    assert system.is_debug and system.stage == stagetools.STAGE_INT == 2
+
+
+def test_qual_is_not_debug():
+    system = stagetools.get_expected_system_from_name("shop_qual")
+    assert system.stage == stagetools.STAGE_QUAL == 1 and not system.is_debug
+
+
+def test_module_constants_are_the_original_levels():
+    assert [int(stage) for stage in stagetools.STAGES] == [0, 1, 2, 3]
+    assert (stagetools.STAGE_PROD, stagetools.STAGE_QUAL, stagetools.STAGE_INT,
+            stagetools.STAGE_DEV) == (0, 1, 2, 3)
+    assert set(stagetools.DEBUG_STAGES) == {stagetools.STAGE_DEV, stagetools.STAGE_INT}
+
+
+BAD_NAMES = {
+    "": "the name is empty",
+    "shop": "no underscore",
+    "_prod": "the configuration before the last underscore is empty",
+    "shop_": "the stage name after the last underscore is empty",
+    "shop_xprod": "does not start with a stage letter",
+    "shop_2prod": "does not start with a stage letter",
+    "Shop_prod": "uppercase",
+    "shop prod_dev": "whitespace",
+    "shop_prod ": "whitespace",
+    "shöp_prod": "non-ASCII",
+    "../shop_prod": "path characters",
+    "shop/x_prod": "path characters",
+    "shop-x_prod": "the characters '-'",
+    "1shop_prod": "must start with a letter",
+    "a" * 28 + "_prod": "more than the 32",
+}
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_name__refused_with_the_rule(name):
+    with pytest.raises(stagetools.StagetoolsError) as raised:
+        stagetools.get_expected_system_from_name(name)
+    message = str(raised.value)
+    assert repr(name) in message and BAD_NAMES[name] in message
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_name__exit_2_one_line_no_traceback(name):
+    result = cli("show", name, "--expected")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert repr(name) in result.stderr and BAD_NAMES[name] in result.stderr
+
+
+def test_32_characters_are_fine():
+    assert stagetools.parse_name("a" * 27 + "_prod")[2] is stagetools.Stage.PROD
+
+
+@pytest.mark.parametrize("args", [["show", "shop_prod", "--bogus"], ["frobnicate"], [],
+                                  ["show", "shop_prod", "--base-dir", "/x"],
+                                  ["show", "shop_prod", "--expected", "--base-dir", "rel"],
+                                  ["show", "shop_prod", "--expected", "--core-repo", "a/b"],
+                                  ["show", "shop_prod", "--expected", "--framework", "rails"]])
+def test_bad_options__exit_2(args):
+    result = cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("stagetools: error: ") and result.stderr.count("\n") == 1
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="abdipqz_09Z -/.\u00e9", max_size=40)))
+def test_any_string__a_system_or_our_error(name):
+    try:
+        system = stagetools.get_expected_system_from_name(name)
+    except stagetools.StagetoolsError as error:
+        assert repr(name) in str(error)
+    else:
+        assert system.name == name and system.configuration + "_" + system.stage_name == name
+        assert len(name) <= 32 and system.stage_name[0] in "pqid"
+
+
+def test_json_and_table_of_show():
+    assert {k: v for k, v in show_json("shop_prod", "--expected").items()
+            if k != "services"} == SHOP_PROD
+    table = cli("show", "shop_prod", "--expected").stdout
+    assert re.search(r"^database_sqlite_path\s+/home/shop_prod/shop.sqlite$", table, re.M)
+    assert re.search(r"^stage\s+prod$", table, re.M)
+
+
+def test_python_dash_m_behaves_the_same():
+    as_script = cli("show", "acme_p2", "--expected", "--core-repo", "shop", "--json")
+    as_module = run([sys.executable, "-m", "stagetools", "show", "acme_p2", "--expected",
+                     "--core-repo", "shop", "--json"], cwd=HERE)
+    assert as_script.stdout == as_module.stdout and json.loads(as_module.stdout)["core_repo"] == "shop"
+
+
+def test_differences_are_listed_field_by_field():
+    expected = stagetools.get_expected_system_from_name("shop_prod")
+    other = stagetools.get_expected_system_from_name("shop_prod", base_dir="/srv/shop_prod")
+    assert expected.differences(expected) == []
+    names = [field for field, _, _ in expected.differences(other)]
+    assert names == ["base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path",
+                     "pip_path", "core_repo_dir", "static_dir", "media_dir", "secret_key_path",
+                     "manage_py_path", "database_sqlite_path"]
+    assert ("base_dir", Path("/home/shop_prod"), Path("/srv/shop_prod")) in \
+        expected.differences(other)
+
+
+def test_system_is_immutable_and_repr_is_short():
+    system = stagetools.get_expected_system_from_name("shop_prod")
+    with pytest.raises(AttributeError):
+        system.name = "shop_dev"
+    assert repr(system) == ("System(name='shop_prod', stage=prod, user='shop_prod', "
+                            "base_dir='/home/shop_prod', source='argument')")
+
+
+def test_expected_name_defaults_to_the_login_name():
+    login = pwd.getpwuid(os.geteuid()).pw_name
+    code = "import stagetools; print(stagetools.get_expected_system_from_name().name)"
+    try:
+        stagetools.parse_name(login)
+    except stagetools.StagetoolsError:
+        result = run([sys.executable, "-c", code], cwd=HERE, check=False)
+        assert result.returncode != 0 and repr(login) in result.stderr
+    else:
+        assert run([sys.executable, "-c", code], cwd=HERE).stdout.strip() == login
+
+
+# ---------------------------------------------------------------- the actual system
+
+
+def test_actual__from_the_argument():
+    system = stagetools.get_actual_system_from_name("shop_dev")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert (system.name, system.name_source, system.user) == ("shop_dev", "argument", user)
+    assert system.base_dir == Path(sys.prefix)
+
+
+def test_actual__from_the_environment():
+    data = show_json(env=clean_env(STAGETOOLS_NAME="acme_qual"))
+    assert (data["name"], data["name_source"]) == ("acme_qual", "environment STAGETOOLS_NAME")
+    assert data["user"] == pwd.getpwuid(os.geteuid()).pw_name
+    assert data["stage"] == "qual" and data["is_debug"] is False
+
+
+def test_actual__bad_environment_value__names_the_variable():
+    result = cli("show", env=clean_env(STAGETOOLS_NAME="Acme"))
+    assert result.returncode == 2 and "STAGETOOLS_NAME" in result.stderr
+    assert "'Acme'" in result.stderr
+
+
+def test_actual__from_a_real_virtualenv(tmp_path):
+    venv = tmp_path / "shop_qual"
+    run([sys.executable, "-m", "venv", "--without-pip", venv])
+    data = show_json(python=venv / "bin" / "python")
+    assert data["name_source"] == f"virtualenv {venv}"
+    assert {k: v for k, v in data.items() if k not in ("services", "user", "group")} == {
+        k: v for k, v in expected_attributes(
+            "shop_qual", str(venv), "shop", "qual", "qual", "shop",
+            name_source=f"virtualenv {venv}").items() if k not in ("user", "group")}
+    assert data["user"] == pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_actual__from_the_directories_above_the_module(tmp_path):
+    repo = tmp_path / "acme_int" / "src" / "shop"
+    repo.mkdir(parents=True)
+    shutil.copy(STAGETOOLS, repo / "stagetools.py")
+    data = show_json("--core-repo", "shop", script=repo / "stagetools.py")
+    assert data["name_source"] == f"module path {tmp_path / 'acme_int'}"
+    assert (data["name"], data["base_dir"], data["core_repo_dir"]) == (
+        "acme_int", str(tmp_path / "acme_int"), str(repo))
+
+
+def test_actual__nothing_fits__every_source_listed(tmp_path):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(STAGETOOLS, lonely / "stagetools.py")
+    result = cli("show", script=lonely / "stagetools.py")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    for source in ("argument: not given", "environment STAGETOOLS_NAME: not set",
+                   f"virtualenv (sys.prefix) '{sys.prefix}'", f"module path '{lonely}'",
+                   "Fix: set STAGETOOLS_NAME"):
+        assert source in result.stderr
+
+
+def test_copied_alone_and_symlinked__same_result_and_real_file_wins(tmp_path):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(STAGETOOLS, fresh / "stagetools.py")
+    real_repo = tmp_path / "shop_dev" / "src" / "shop"
+    real_repo.mkdir(parents=True)
+    shutil.copy(STAGETOOLS, real_repo / "stagetools.py")
+    deploy = tmp_path / "ideploy_prod"  # a name that parses: the link must not be used
+    deploy.mkdir()
+    (deploy / "stagetools.py").symlink_to(real_repo / "stagetools.py")
+    reference = show_json("shop_prod", "--expected")
+    for script in (fresh / "stagetools.py", deploy / "stagetools.py"):
+        assert show_json("shop_prod", "--expected", script=script) == reference
+        imported = run([sys.executable, "-c", "import stagetools; print(stagetools.__version__)"],
+                       cwd=script.parent)
+        assert imported.stdout.strip() == stagetools.__version__
+    assert show_json(script=deploy / "stagetools.py")["name"] == "shop_dev"
+    by_import = run([sys.executable, "-c", "import stagetools; "
+                     "print(stagetools.get_actual_system_from_name().name_source)"], cwd=deploy)
+    assert by_import.stdout.strip() == f"module path {tmp_path / 'shop_dev'}"
+
+
+def test_imports_only_the_standard_library():
+    code = ("import sys; before = set(sys.modules); import stagetools; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "print(sorted(m for m in new - {'stagetools'} if m not in sys.stdlib_module_names))")
+    result = run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
+                  + code])
+    assert result.stdout.strip() == "[]"
+
+
+def test_works_without_pwd_and_grp(tmp_path):
+    # As on Windows: no pwd, no grp; getpass finds the user in the environment.
+    code = ("import sys; sys.modules['pwd'] = None; sys.modules['grp'] = None; "
+            "import stagetools; s = stagetools.get_actual_system_from_name('shop_dev'); "
+            "e = stagetools.get_expected_system_from_name(); print(s.user, repr(s.group), e.name)")
+    result = run([sys.executable, "-c", code], cwd=HERE, env=clean_env(USERNAME="dev_dsven",
+                                                                      LOGNAME="dev_dsven"))
+    assert result.stdout.split() == ["dev_dsven", "''", "dev_dsven"]
+
+
+def test_import_runs_nothing_platform_specific():
+    code = ("import os, sys; sys.modules['pwd'] = None; sys.modules['grp'] = None; "
+            "del os.geteuid; import stagetools; print('imported')")
+    assert run([sys.executable, "-c", code], cwd=HERE).stdout.strip() == "imported"
+
+
+# ---------------------------------------------------------------- the secret key
+
+
+def test_secret_key__created_once_0600_never_shown(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path)
+    key = stagetools.read_secret_key(system)
+    assert len(key) >= 50 and len(set(key)) >= 5 and not key.startswith("$")
+    assert stat.S_IMODE(system.secret_key_path.stat().st_mode) == 0o600
+    assert stagetools.read_secret_key(system) == key
+    assert key not in repr(system) and key not in json.dumps(system.as_dict())
+    assert key not in cli("show", "shop_prod", "--expected", "--base-dir", tmp_path).stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret_key"]
+
+
+def test_secret_key__many_processes_at_once_get_one_key(tmp_path):
+    start = time.time() + 2
+    code = ("import sys, time, stagetools; time.sleep(max(0, float(sys.argv[1]) - time.time())); "
+            "s = stagetools.get_expected_system_from_name('shop_prod', base_dir=sys.argv[2]); "
+            "print(stagetools.read_secret_key(s))")
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(start), str(tmp_path)],
+                                  cwd=HERE, stdout=subprocess.PIPE, text=True)
+                 for _ in range(24)]
+    keys = {process.communicate(timeout=60)[0].strip() for process in processes}
+    assert all(process.returncode == 0 for process in processes)
+    assert len(keys) == 1 and len(keys.pop()) >= 50
+    assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret_key"]  # no temporary left
+
+
+def test_secret_key__readable_by_others__refused(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path)
+    stagetools.read_secret_key(system)
+    system.secret_key_path.chmod(0o644)
+    with pytest.raises(stagetools.StagetoolsError, match=r"mode 644.*chmod 600"):
+        stagetools.read_secret_key(system)
+
+
+def test_secret_key__unreadable_or_short__refused(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path)
+    system.secret_key_path.mkdir()  # unreadable as a file, even for root
+    with pytest.raises(stagetools.StagetoolsError, match="cannot read the secret key file"):
+        stagetools.read_secret_key(system)
+    system.secret_key_path.rmdir()
+    system.secret_key_path.write_text("short")
+    system.secret_key_path.chmod(0o600)
+    with pytest.raises(stagetools.StagetoolsError, match="fewer than 50"):
+        stagetools.read_secret_key(system)
+
+
+def test_secret_key__missing_base_dir__clear_error(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path / "gone")
+    with pytest.raises(stagetools.StagetoolsError, match="must exist and be writable"):
+        stagetools.read_secret_key(system)
