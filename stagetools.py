@@ -616,8 +616,13 @@ def _cmd_show(args):
 
 def _run(command, what):
     print("+ " + " ".join(shlex.quote(str(part)) for part in command), flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise StagetoolsError(f"{what} failed (command above); fix its error and run again")
+    try:
+        returncode = subprocess.run(command).returncode
+    except OSError as error:
+        returncode = error
+    if returncode != 0:
+        raise StagetoolsError(f"{what} failed (command above: {returncode}); fix its error "
+                              "and run again")
 
 
 def _cmd_new(args):

@@ -19,10 +19,12 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 
 import stagetools
 
-__all__ = ["check_installation", "manage", "settings_defaults"]
+__all__ = ["asgi_application", "check_installation", "manage", "settings_defaults",
+           "wsgi_application"]
 
 # Production (QUAL and PROD) runs behind a TLS-terminating nginx on the same host
 # that redirects HTTP to HTTPS and sets X-Forwarded-Proto (see the README).
@@ -164,26 +166,61 @@ def check_installation(app_configs=None, **kwargs):
     return problems
 
 
-def _refuse_debug_in_production():
-    from django.conf import settings
+def _build_application(builder):
+    """Django's own application, after aaa_env_setup, refused if the settings are unsafe."""
+    _env_setup()
+    module_name, _, function_name = builder.rpartition(".")
+    application = getattr(importlib.import_module(module_name), function_name)()
     from django.core.exceptions import ImproperlyConfigured
     for problem in check_installation():
         if problem.is_serious():
             raise ImproperlyConfigured(f"{problem.msg}: {problem.hint} ({problem.id})")
-
-
-def __getattr__(attribute):
-    """The ASGI and WSGI applications, built on first access (PEP 562)."""
-    builders = {"asgi_application": "django.core.asgi.get_asgi_application",
-                "wsgi_application": "django.core.wsgi.get_wsgi_application"}
-    if attribute not in builders:
-        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    _env_setup()
-    module_name, _, function_name = builders[attribute].rpartition(".")
-    application = getattr(importlib.import_module(module_name), function_name)()
-    _refuse_debug_in_production()
-    globals()[attribute] = application
     return application
+
+
+class _LazyApplication:
+    """Django's application, built on first use: a settings module that imports
+    stagetools_django must not build it while being imported."""
+
+    def __init__(self, builder):
+        self._builder = builder
+        self._application = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._application is None:
+                self._application = _build_application(self._builder)
+        return self._application
+
+
+class _LazyASGIApplication(_LazyApplication):
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self._get()(scope, receive, send)
+        # Build at server start-up, so a broken installation fails there, not per request.
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self._get()
+                except Exception as error:
+                    await send({"type": "lifespan.startup.failed",
+                                "message": f"stagetools: {error}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class _LazyWSGIApplication(_LazyApplication):
+    def __call__(self, environ, start_response):
+        return self._get()(environ, start_response)
+
+
+asgi_application = _LazyASGIApplication("django.core.asgi.get_asgi_application")
+wsgi_application = _LazyWSGIApplication("django.core.wsgi.get_wsgi_application")
 
 
 def manage(argv=None):

@@ -509,3 +509,205 @@ def test_secret_key__missing_base_dir__clear_error(tmp_path):
     system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path / "gone")
     with pytest.raises(stagetools.StagetoolsError, match="must exist and be writable"):
         stagetools.read_secret_key(system)
+
+
+# ---------------------------------------------------------------- Django: one-command start, servers
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A directory every user may read: the modules and pip's cache for installations."""
+    directory = Path(f"/tmp/stagetools-test-{os.getpid()}")
+    directory.mkdir(mode=0o755)
+    for module in ("stagetools.py", "stagetools_django.py"):
+        shutil.copy(HERE / module, directory / module)
+    cache = directory / "pip-cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def installation_env(shared_dir, **extra):
+    return clean_env(PIP_CACHE_DIR=str(shared_dir / "pip-cache"), PIP_DISABLE_PIP_VERSION_CHECK="1",
+                     **extra)
+
+
+def serve_commands(new_output, port):
+    """The serve commands that `new` printed, moved to a free port."""
+    lines = [line.strip() for line in new_output.splitlines() if "127.0.0.1:8000" in line
+             or "--port 8000" in line]
+    return {Path(line.split()[0]).name: line.replace("8000", str(port)).split() for line in lines}
+
+
+@pytest.fixture(scope="session")
+def dev_installation(tmp_path_factory, shared_dir):
+    directory = tmp_path_factory.mktemp("dev") / "shop_dev"
+    result = new_installation(directory, env=installation_env(shared_dir))
+    return directory, result.stdout
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
+def test_dev_installation__served_by_each_server(dev_installation, server, tmp_path):
+    directory, new_output = dev_installation
+    port = free_port()
+    command = serve_commands(new_output, port)[server]
+    assert command[0] == str(directory / "bin" / server)
+    with serving(command, ("127.0.0.1", port), tmp_path / "server.log", cwd=tmp_path,
+                 env=clean_env()):
+        status, _, body = http_get(("127.0.0.1", port), "/admin/login/")
+        assert status == 200 and b"csrfmiddlewaretoken" in body
+        status, _, body = http_get(("127.0.0.1", port), "/static/admin/css/base.css")
+        assert status == 200 and b"body" in body
+        status, _, body = http_get(("127.0.0.1", port), "/")
+        assert json.loads(body) == {"name": "shop_dev", "stage": "dev", "debug": True,
+                                    "database": "sqlite",
+                                    "database_name": str(directory / "shop.sqlite")}
+
+
+def test_dev_installation__layout_of_the_seed(dev_installation):
+    directory, _ = dev_installation
+    repo = directory / "src" / "shop"
+    for relative in ("setup.py", "aaa_env_setup.py", "aaa_script_setup.py", "manage.py",
+                     "stagetools.py", "stagetools_django.py", "stagetools_project/settings.py",
+                     "stagetools_project/urls.py", "shop/models.py", "shop/migrations"):
+        assert (repo / relative).exists(), relative
+    assert (directory / "shop.sqlite").stat().st_size > 0
+    assert stat.S_IMODE((directory / "secret_key").stat().st_mode) == 0o600
+    script = "import aaa_script_setup; from django.conf import settings; print(settings.DEBUG)"
+    assert run([directory / "bin" / "python", "-c", script], cwd="/").stdout.strip() == "True"
+
+
+def test_new__refuses_a_bad_name_and_a_full_directory_and_cleans_up(tmp_path):
+    result = cli("new", tmp_path / "Shop_dev")
+    assert result.returncode == 2 and "'Shop_dev'" in result.stderr
+    full = tmp_path / "shop_dev"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    result = cli("new", full)
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    result = cli("new", tmp_path / "shop_int", "--python", "/nonexistent/python3")
+    assert result.returncode == 2 and "creating the virtualenv failed" in result.stderr
+    assert not (tmp_path / "shop_int").exists()
+
+
+def test_missing_aaa_env_setup__says_what_to_create(tmp_path):
+    shutil.copy(HERE / "stagetools.py", tmp_path / "stagetools.py")
+    shutil.copy(HERE / "stagetools_django.py", tmp_path / "stagetools_django.py")
+    env = clean_env(PYTHONPATH=str(tmp_path))
+    result = run([sys.executable, "-m", "stagetools_django", "check"], check=False, cwd=tmp_path,
+                 env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot import aaa_env_setup" in result.stderr
+    assert "create aaa_env_setup.py" in result.stderr and "SYSTEM.django_settings" in result.stderr
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    process = subprocess.run([sys.executable, "-m", "uvicorn", "--port", str(port),
+                              "stagetools_django:asgi_application"], cwd=tmp_path, env=env,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=60)
+    assert process.returncode != 0 and "create aaa_env_setup.py" in log.read_text()
+    left = {p.name for p in tmp_path.iterdir()} - {"__pycache__", "uvicorn.log"}
+    assert left == {"stagetools.py", "stagetools_django.py"}
+
+
+# ---------------------------------------------------------------- Django: production
+
+
+@pytest.fixture(scope="session")
+def prod_installation(tmp_path_factory, shared_dir):
+    directory = tmp_path_factory.mktemp("prod") / "shop_prod"
+    new_installation(directory, env=installation_env(shared_dir))
+    return directory
+
+
+def manage(directory, *args, check=False):
+    return run([directory / "bin" / "python", directory / "src" / "shop" / "manage.py", *args],
+               check=check, cwd="/")
+
+
+def test_prod__check_deploy_is_clean(prod_installation):
+    result = manage(prod_installation, "check", "--deploy", "--fail-level", "DEBUG")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues (2 silenced)." in result.stdout
+    silenced = run([prod_installation / "bin" / "python", "-c",
+                    "import aaa_script_setup; from django.conf import settings; "
+                    "print(settings.SILENCED_SYSTEM_CHECKS, settings.DEBUG)"], cwd="/")
+    assert silenced.stdout.strip() == "['security.W004', 'security.W008'] False"
+
+
+def test_prod__secret_file_0600_outside_the_repo(prod_installation):
+    secret = prod_installation / "secret_key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    repo = prod_installation / "src" / "shop"
+    assert repo not in secret.parents
+    key = secret.read_text().strip()
+    for path in repo.rglob("*"):
+        if path.is_file():
+            assert key not in path.read_text(errors="replace"), path
+
+
+def test_prod__four_gunicorn_workers_share_one_key(prod_installation, tmp_path):
+    port = free_port()
+    command = [prod_installation / "bin" / "gunicorn", "--workers", "4", "--bind",
+               f"127.0.0.1:{port}", "stagetools_django:wsgi_application"]
+    with serving(command, ("127.0.0.1", port), tmp_path / "gunicorn.log", cwd="/",
+                 env=clean_env()):
+        status, _, body = http_get(("127.0.0.1", port), "/")
+        assert status == 200 and json.loads(body)["debug"] is False
+        status, headers, _ = http_get(("127.0.0.1", port), "/visits/")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert cookie.startswith("shop_prod_sessionid=") and "Secure" in headers["Set-Cookie"]
+        pids, counts = set(), []
+        for _ in range(40):
+            status, _, body = http_get(("127.0.0.1", port), "/visits/", {"Cookie": cookie})
+            data = json.loads(body)
+            pids.add(data["pid"])
+            counts.append(data["visits"])
+        assert counts == list(range(2, 42)), "a worker did not accept another's session"
+        assert len(pids) >= 2, "all requests went to one worker"
+        status, _, body = http_get(("127.0.0.1", port), "/no-such-page/")
+        assert status == 404 and b"Traceback" not in body and b"DEBUG" not in body
+
+
+def test_prod__debug_on_in_settings__refused(prod_installation, tmp_path):
+    settings_py = prod_installation / "src" / "shop" / "stagetools_project" / "settings.py"
+    original = settings_py.read_text()
+    settings_py.write_text(original + "DEBUG = True\n")
+    try:
+        result = manage(prod_installation, "check")
+        assert result.returncode == 1 and "stagetools.E001" in result.stderr
+        assert "DEBUG is on in the PROD installation 'shop_prod'" in result.stderr
+        port = free_port()
+        log = tmp_path / "uvicorn.log"
+        process = subprocess.run([prod_installation / "bin" / "uvicorn", "--port", str(port),
+                                  "stagetools_django:asgi_application"], cwd="/",
+                                 env=clean_env(), stdout=open(log, "w"),
+                                 stderr=subprocess.STDOUT, timeout=60)
+        assert process.returncode != 0 and "stagetools.E001" in log.read_text()
+    finally:
+        settings_py.write_text(original)
+
+
+def test_prod__database_override__warned(prod_installation):
+    settings_py = prod_installation / "src" / "shop" / "stagetools_project" / "settings.py"
+    original = settings_py.read_text()
+    settings_py.write_text(original + "DATABASES['default']['NAME'] = '/tmp/other.sqlite'\n")
+    try:
+        result = manage(prod_installation, "check")
+        assert "stagetools.W003" in result.stderr and "'/tmp/other.sqlite'" in result.stderr
+    finally:
+        settings_py.write_text(original)
+
+
+def test_prod__bad_secret_file__clear_message_nothing_written(prod_installation):
+    secret = prod_installation / "secret_key"
+    before = sorted(p.name for p in prod_installation.iterdir())
+    secret.chmod(0o644)
+    try:
+        result = manage(prod_installation, "check")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"chmod 600 '{secret}'" in result.stderr
+    finally:
+        secret.chmod(0o600)
+    assert sorted(p.name for p in prod_installation.iterdir()) == before
