@@ -711,3 +711,137 @@ def test_prod__bad_secret_file__clear_message_nothing_written(prod_installation)
     finally:
         secret.chmod(0o600)
     assert sorted(p.name for p in prod_installation.iterdir()) == before
+
+
+# ---------------------------------------------------------------- Django on PostgreSQL, peer auth
+
+
+@contextlib.contextmanager
+def os_user(name, base_dir=None):
+    """A throwaway OS user and group named like an installation, with an empty base dir."""
+    base_dir = Path(base_dir or f"/home/{name}")
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        pass
+    else:
+        pytest.skip(f"user {name} exists on this machine; the test will not touch it")
+    if base_dir.exists():
+        pytest.skip(f"{base_dir} exists on this machine; the test will not touch it")
+    run(["useradd", "--no-create-home", "--home-dir", base_dir, "--shell", "/usr/sbin/nologin",
+         "--user-group", name])
+    try:
+        base_dir.mkdir(mode=0o750)
+        shutil.chown(base_dir, name, name)
+        yield base_dir
+    finally:
+        run(["pkill", "-KILL", "-u", name], check=False)
+        run(["userdel", name], check=False)
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster: peer auth on its own socket dir, no TCP."""
+
+    def __init__(self, root):
+        initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not initdb or not IS_ROOT:
+            pytest.skip("needs root and Debian's postgresql (CI installs it)")
+        self.bin_dir = Path(initdb[-1]).parent
+        self.root = root
+        self.socket_dir = root / "socket"
+        self.port = free_port()
+        for directory in (root, self.socket_dir):
+            directory.mkdir(mode=0o755)
+            shutil.chown(directory, "postgres", "postgres")
+
+    def as_postgres(self, *command, **kwargs):
+        return run(["runuser", "-u", "postgres", "--", *command], cwd=self.root, **kwargs)
+
+    def start(self):
+        self.as_postgres(self.bin_dir / "initdb", "-D", self.root / "data", "-U", "postgres",
+                         "--auth-local=peer", "--auth-host=reject", "--no-sync")
+        self.as_postgres(self.bin_dir / "pg_ctl", "-D", self.root / "data", "-l",
+                         self.root / "log", "-w", "-t", "60", "-o",
+                         f"-k {self.socket_dir} -p {self.port} -c listen_addresses=''", "start")
+
+    def stop(self):
+        self.as_postgres(self.bin_dir / "pg_ctl", "-D", self.root / "data", "-m", "immediate",
+                         "-w", "-t", "60", "stop", check=False)
+
+    def sql(self, statement, user="postgres", database="postgres"):
+        return run(["runuser", "-u", user, "--", self.bin_dir / "psql", "-h", self.socket_dir,
+                    "-p", self.port, "-d", database, "-v", "ON_ERROR_STOP=1", "-tAc",
+                    statement], cwd="/").stdout.strip()
+
+    def env(self):
+        return {"PGHOST": str(self.socket_dir), "PGPORT": str(self.port)}
+
+
+@pytest.fixture(scope="session")
+def postgres(shared_dir):
+    cluster = Postgres(shared_dir / "postgres")
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def csrf_post(where, path, fields, cookie_name):
+    status, headers, _ = http_get(where, "/")
+    token = re.search(cookie_name + r"=([^;]+)", headers["Set-Cookie"]).group(1)
+    return http_get(where, path, method="POST", body=urllib.parse.urlencode(fields), headers={
+        "Cookie": f"{cookie_name}={token}", "X-CSRFToken": token,
+        "Content-Type": "application/x-www-form-urlencoded"})
+
+
+@needs_root
+def test_postgresql_installation__peer_auth_migrate_write_read(postgres, shared_dir, tmp_path):
+    name = "pgshop_dev"
+    with os_user(name) as base_dir:
+        postgres.sql(f"CREATE ROLE {name} LOGIN")
+        postgres.sql(f"CREATE DATABASE {name} OWNER {name}")
+        env = installation_env(shared_dir, HOME=str(base_dir), **postgres.env())
+        # `new` migrates as the installation's user: peer authentication, no password.
+        new_installation(base_dir, "--database", "postgresql", user=name, env=env)
+        assert "pgshop_note" in postgres.sql("SELECT tablename FROM pg_tables", name, name)
+        port = free_port()
+        command = ["runuser", "-u", name, "--", base_dir / "bin" / "gunicorn", "--bind",
+                   f"127.0.0.1:{port}", "stagetools_django:wsgi_application"]
+        where = ("127.0.0.1", port)
+        with serving(command, where, tmp_path / "gunicorn.log", cwd="/", env=env):
+            status, _, body = http_get(where, "/")
+            assert json.loads(body)["database"] == "postgresql"
+            assert json.loads(body)["database_name"] == name
+            status, _, body = csrf_post(where, "/notes/", {"text": "written by the app"},
+                                        f"{name}_csrftoken")
+            assert status == 200, body
+            status, _, body = http_get(where, "/notes/")
+            assert json.loads(body) == {"notes": ["written by the app"]}
+        assert postgres.sql("SELECT text FROM pgshop_note", name, name) == "written by the app"
+        settings_py = base_dir / "src" / "pgshop" / "stagetools_project" / "settings.py"
+        assert "PASSWORD" not in settings_py.read_text()
+
+
+def test_settings_defaults__per_installation_and_stage(tmp_path, monkeypatch):
+    import stagetools_django
+    monkeypatch.delenv("PGHOST", raising=False)
+    prod = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path / "shop_prod")
+    dev = stagetools.get_expected_system_from_name("shop_dev", base_dir=tmp_path / "shop_dev")
+    for system in (prod, dev):
+        system.base_dir.mkdir()
+    p = stagetools_django.settings_defaults("postgresql", system=prod)
+    d = stagetools_django.settings_defaults("sqlite", system=dev)
+    assert p["DATABASES"]["default"] == {
+        "ENGINE": "django.db.backends.postgresql", "NAME": "shop_prod", "USER": "shop_prod",
+        "PASSWORD": "", "HOST": "/var/run/postgresql", "PORT": ""}
+    assert d["DATABASES"]["default"] == {"ENGINE": "django.db.backends.sqlite3",
+                                         "NAME": str(tmp_path / "shop_dev" / "shop.sqlite")}
+    assert (p["DEBUG"], d["DEBUG"]) == (False, True)
+    assert (p["SESSION_COOKIE_NAME"], d["CSRF_COOKIE_NAME"]) == ("shop_prod_sessionid",
+                                                                 "shop_dev_csrftoken")
+    assert p["CACHES"]["default"]["KEY_PREFIX"] == "shop_prod"
+    assert p["SESSION_COOKIE_SECURE"] and p["CSRF_COOKIE_SECURE"] and not d["CSRF_COOKIE_SECURE"]
+    assert p["SECURE_PROXY_SSL_HEADER"] == ("HTTP_X_FORWARDED_PROTO", "https")
+    assert p["SECRET_KEY"] != d["SECRET_KEY"]
+    with pytest.raises(stagetools.StagetoolsError, match="'mysql'"):
+        stagetools_django.settings_defaults("mysql", system=dev)

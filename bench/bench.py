@@ -181,11 +181,9 @@ def interleave(variants, runs, measure):
     return results
 
 
-def row(bench, measure, baseline, base, candidate, cand, unit, goal="", met=None,
-        delta_unit=None):
+def row(bench, measure, baseline, base, candidate, cand, unit, goal="", met=None):
     return dict(bench=bench, measure=measure, baseline=baseline, base=base,
-                candidate=candidate, cand=cand, unit=unit, goal=goal, met=met,
-                delta_unit=delta_unit or unit)
+                candidate=candidate, cand=cand, unit=unit, goal=goal, met=met)
 
 
 def median(values):
