@@ -31,7 +31,7 @@ import secrets
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 __version__ = "1.0.0"
@@ -40,7 +40,7 @@ __all__ = sorted([
     "STAGES", "STAGE_DEV", "STAGE_INT", "STAGE_PROD", "STAGE_QUAL",
     "Stage", "StagetoolsError", "System",
     "get_actual_system_from_name", "get_expected_system_from_name",
-    "main", "parse_name", "read_secret_key",
+    "check_installation", "main", "parse_name", "read_secret_key",
 ])
 
 # ---------------------------------------------------------------- constants
@@ -428,8 +428,143 @@ def _create_secret_file(path):
 # ---------------------------------------------------------------- renderers
 
 
+_SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+_TMPFILES_DIR = Path("/etc/tmpfiles.d")
+_NGINX_DIR = Path("/etc/nginx/sites-available")
+# The group of the web server: it alone, besides root, may connect to the sockets.
+_WEB_GROUP = "www-data"
+# Each line is explained in the README's table "Hardening of the system unit".
+_HARDENING = """\
+UMask=0027
+ProtectSystem=strict
+ProtectHome=tmpfs
+BindPaths={base_dir}
+ReadOnlyPaths=-{base_dir}/bin -{base_dir}/lib -{base_dir}/src
+PrivateTmp=yes
+PrivateDevices=yes
+DevicePolicy=closed
+PrivateMounts=yes
+PrivateUsers=yes
+ProtectProc=invisible
+RemoveIPC=yes
+KeyringMode=private
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+"""
+# Valid in user units too: the rest needs namespaces a user manager may not have.
+_USER_HARDENING = """\
+UMask=0027
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+"""
+
+
+def _server_command(system, bind):
+    """The command that serves the installation; bind is host:port or fd://N (systemd)."""
+    server = system.bin_dir / system.server
+    application = system.wsgi_application if system.server == "gunicorn" \
+        else system.asgi_application
+    if bind.startswith("fd://"):
+        where = {"gunicorn": [],  # gunicorn takes systemd's LISTEN_FDS by itself
+                 "uvicorn": ["--fd", bind[len("fd://"):]], "hypercorn": ["--bind", bind]}
+    else:
+        host, _, port = bind.rpartition(":")
+        where = {"gunicorn": ["--bind", bind], "uvicorn": ["--host", host, "--port", port],
+                 "hypercorn": ["--bind", bind]}
+    return [str(server)] + where[system.server] + [application]
+
+
+def _render_units(system, user_unit):
+    socket_path = "%t/{0}/{0}.sock".format(system.name) if user_unit else system.socket_path
+    socket_access = "SocketMode=0600\nDirectoryMode=0700" if user_unit else \
+        f"SocketGroup={_WEB_GROUP}\nSocketMode=0660\nDirectoryMode=0755"
+    socket = (f"[Unit]\nDescription={system.name} socket (stagetools)\n\n"
+              f"[Socket]\nListenStream={socket_path}\n{socket_access}\n\n"
+              "[Install]\nWantedBy=sockets.target\n")
+    # gunicorn tells systemd when it is ready; uvicorn and hypercorn cannot.
+    service_type = "notify" if system.server == "gunicorn" else "exec"
+    identity = "" if user_unit else f"User={system.user}\nGroup={system.group}\n"
+    hardening = _USER_HARDENING if user_unit else _HARDENING.format(base_dir=system.base_dir)
+    service = (
+        f"[Unit]\nDescription={system.name} ({system.server}, stagetools)\n"
+        f"Requires={system.name}.socket\nAfter=network.target {system.name}.socket\n\n"
+        f"[Service]\nType={service_type}\n{identity}"
+        f"WorkingDirectory={system.core_repo_dir}\n"
+        f"ExecStart={shlex.join(_server_command(system, 'fd://3'))}\n"
+        "KillMode=mixed\nRestart=on-failure\n"
+        f"{hardening}\n[Install]\nWantedBy={'default' if user_unit else 'multi-user'}.target\n")
+    return socket, service
+
+
+def _render_nginx(system):
+    return f"""\
+# nginx site of {system.name}; TLS and your domain: see the README.
+upstream {system.name} {{
+    server unix:{system.socket_path} fail_timeout=0;
+}}
+
+server {{
+    listen 80;
+    server_name {system.container}.localhost;
+    client_max_body_size 20m;
+
+    location /{system.static_url} {{
+        alias {system.static_dir}/;
+    }}
+    location /{system.media_url} {{
+        alias {system.media_dir}/;
+    }}
+    location / {{
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        # Django trusts this header in QUAL and PROD: nginx must always set it.
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_redirect off;
+        proxy_pass http://{system.name};
+    }}
+}}
+"""
+
+
 def _render_services(system):
-    return {}
+    """The files of an installation outside its repo: absolute path -> text."""
+    socket, service = _render_units(system, user_unit=False)
+    user_socket, user_service = _render_units(system, user_unit=True)
+    user_dir = system.base_dir / ".config" / "systemd" / "user"
+    return {
+        str(_SYSTEM_UNIT_DIR / f"{system.name}.socket"): socket,
+        str(_SYSTEM_UNIT_DIR / f"{system.name}.service"): service,
+        # The socket dir: the user may write there, nginx may pass, nobody else.
+        str(_TMPFILES_DIR / f"{system.name}.conf"):
+            f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n",
+        str(_NGINX_DIR / f"{system.name}.conf"): _render_nginx(system),
+        str(user_dir / f"{system.name}.socket"): user_socket,
+        str(user_dir / f"{system.name}.service"): user_service,
+    }
 
 
 _DJANGO_STARTER = {
@@ -553,6 +688,130 @@ def _render_starter(system, database):
     return files
 
 
+# ---------------------------------------------------------------- checks
+
+# Run by the installation's own Python as its user: what that process resolves.
+_PROBE = """\
+import json, os, sys
+options = json.loads(sys.argv[1])
+sys.path.insert(0, options.pop("repo"))
+import stagetools
+paths = options.pop("paths")
+system = stagetools.get_actual_system_from_name(**options)
+print(json.dumps({"system": system.as_dict(),
+                  "writable": {path: os.access(path, os.W_OK) for path in paths}}))
+"""
+
+
+def _probe_actual_system(expected):
+    """The actual system as the installation's Python, run as its user, resolves it."""
+    options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
+               "core_app": expected.core_app, "framework": expected.framework,
+               "server": expected.server,
+               "paths": [str(expected.static_dir), str(expected.media_dir),
+                         str(expected.run_dir)]}
+    switch = {}
+    if _process_user_and_group()[0] != expected.user:
+        if os.geteuid() != 0:
+            raise StagetoolsError(f"check {expected.name} runs the installation's Python as "
+                                  f"its user: run it as root or as {expected.user}")
+        switch = dict(user=expected.user, group=expected.group, extra_groups=[])
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(expected.base_dir), "LANG": "C.UTF-8"}
+    try:
+        result = subprocess.run(
+            [str(expected.python_path), "-B", "-I", "-c", _PROBE, json.dumps(options)],
+            capture_output=True, text=True, env=env, cwd="/", timeout=60, **switch)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"cannot run: {error}"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
+        return None, lines[-1]
+    return json.loads(result.stdout), None
+
+
+def _unit_difference(path, text):
+    try:
+        actual = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        return error.strerror.lower()
+    if actual == text:
+        return None
+    for number, (want, have) in enumerate(zip(text.splitlines() + [""],
+                                              actual.splitlines() + [""]), 1):
+        if want != have:
+            return f"differs at line {number}: {have!r}"
+    return "differs"
+
+
+def check_installation(expected):
+    """Compare an installation on disk with its expected system; change nothing.
+
+    Returns ``(number of checks, differences)``, each difference a tuple
+    ``(what, expected, actual)``.
+    """
+    import grp
+    import pwd
+    differences, checks = [], 0
+
+    def fact(what, want, have):
+        nonlocal checks
+        checks += 1
+        if want != have:
+            differences.append((what, want, have))
+
+    def owner(path):
+        try:
+            return pwd.getpwuid(path.stat().st_uid).pw_name
+        except KeyError:
+            return str(path.stat().st_uid)
+
+    try:
+        pwd.getpwnam(expected.user)
+        user_exists = True
+    except KeyError:
+        user_exists = False
+    fact("user", expected.user, expected.user if user_exists else "missing")
+    try:
+        grp.getgrnam(expected.group)
+        fact("group", expected.group, expected.group)
+    except KeyError:
+        fact("group", expected.group, "missing")
+    base = expected.base_dir
+    if base.is_dir():
+        fact("base_dir owner", expected.user, owner(base))
+        mode = base.stat().st_mode & 0o777
+        fact("base_dir mode", "not world-writable",
+             "not world-writable" if not mode & 0o002 else f"{mode:o}")
+    else:
+        fact("base_dir", "a directory", "missing")
+    fact("python_path", "executable",
+         "executable" if os.access(expected.python_path, os.X_OK) else "missing")
+    fact("core_repo_dir", "a directory",
+         "a directory" if expected.core_repo_dir.is_dir() else "missing")
+    secret = expected.secret_key_path
+    if secret.is_file():
+        fact("secret_key_path mode", "600", f"{secret.stat().st_mode & 0o777:o}")
+        fact("secret_key_path owner", expected.user, owner(secret))
+    else:
+        fact("secret_key_path", "a file", "missing")
+    for path, text in expected.services.items():
+        if path.startswith(str(_SYSTEM_UNIT_DIR)) or path.startswith(str(_TMPFILES_DIR)):
+            fact(f"unit {path}", "as rendered", _unit_difference(path, text) or "as rendered")
+    probe, problem = _probe_actual_system(expected) if user_exists else (None, "no such user")
+    fact("actual system", "resolved by the installation's Python", problem
+         or "resolved by the installation's Python")
+    if probe is not None:
+        wanted = expected.as_dict()
+        for key, value in probe["system"].items():
+            if key != "name_source":
+                fact(f"actual {key}", wanted.get(key), value)
+        for path, writable in probe["writable"].items():
+            fact(f"{path}", "a directory writable by the user",
+                 "a directory writable by the user" if Path(path).is_dir() and writable
+                 else "missing" if not Path(path).exists() else "not writable by the user")
+    return checks, differences
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -597,6 +856,10 @@ def _parser():
     new.add_argument("--python", default=sys.executable,
                      help="the Python of the venv; its user must be able to run it "
                      "(default: this one)")
+    check = commands.add_parser("check", help="compare an installation on disk with its "
+                                "expected system; exit 1 on any difference")
+    _add_system_options(check)
+    check.add_argument("--base-dir", help="base dir of the installation (default /home/NAME)")
     return parser
 
 
@@ -656,33 +919,41 @@ def _cmd_new(args):
     print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
           "Serve it with one of:")
     for server in SERVERS:
-        print("  " + " ".join(shlex.quote(part) for part in
-                              _server_command(system, server, f"127.0.0.1:8000")))
+        if server == system.server or system.framework == "django":
+            serving = replace(system, server=server)
+            print("  " + shlex.join(_server_command(serving, "127.0.0.1:8000")))
     return 0
 
 
-def _server_command(system, server, bind):
-    """The command line that serves the installation: bind is host:port, unix:PATH or fd://N."""
-    executable = str(system.bin_dir / server)
-    if server == "gunicorn":
-        return [executable, "--bind", bind, system.wsgi_application]
-    if server == "hypercorn":
-        return [executable, "--bind", bind, system.asgi_application]
-    if bind.startswith("unix:"):
-        where = ["--uds", bind[len("unix:"):]]
-    elif bind.startswith("fd://"):
-        where = ["--fd", bind[len("fd://"):]]
+def _cmd_check(args):
+    if not args.name:
+        raise StagetoolsError("check needs the installation's name: stagetools check shop_prod")
+    expected = get_expected_system_from_name(
+        args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
+        framework=args.framework, server=args.server)
+    if os.name != "posix":
+        raise StagetoolsError("check inspects Unix users and files: run it on the server")
+    checks, differences = check_installation(expected)
+    if args.json:
+        print(json.dumps({"name": expected.name, "ok": not differences, "checks": checks,
+                          "differences": [{"what": what, "expected": want, "actual": have}
+                                          for what, want, have in differences]}, indent=2))
+    elif not differences:
+        print(f"{expected.name}: all {checks} checks hold")
     else:
-        host, _, port = bind.rpartition(":")
-        where = ["--host", host, "--port", port]
-    return [executable] + where + [system.asgi_application]
+        print(f"{expected.name}: {len(differences)} of {checks} checks differ")
+        rows = [("what", "expected", "actual")] + [tuple(map(str, d)) for d in differences]
+        widths = [max(len(row[column]) for row in rows) for column in range(2)]
+        for what, want, have in rows:
+            print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
+    return 1 if differences else 0
 
 
 def main(argv=None):
     """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input)."""
     try:
         args = _parser().parse_args(argv)
-        return {"show": _cmd_show, "new": _cmd_new}[args.command](args)
+        return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
     except StagetoolsError as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2

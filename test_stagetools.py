@@ -845,3 +845,231 @@ def test_settings_defaults__per_installation_and_stage(tmp_path, monkeypatch):
     assert p["SECRET_KEY"] != d["SECRET_KEY"]
     with pytest.raises(stagetools.StagetoolsError, match="'mysql'"):
         stagetools_django.settings_defaults("mysql", system=dev)
+
+
+# ---------------------------------------------------------------- deployment: units, nginx, check
+
+SERVER_OF = {"shop_dev": "uvicorn", "shop_qual": "hypercorn", "shop_prod": "gunicorn"}
+needs_deploy_tools = pytest.mark.skipif(
+    not (IS_ROOT and shutil.which("systemd-analyze") and shutil.which("systemd-tmpfiles")
+         and os.path.exists("/usr/sbin/nginx") and os.path.exists(SYSTEM_PYTHON)),
+    reason="needs root, systemd-analyze, systemd-tmpfiles, nginx and /usr/bin/python3 "
+           "(CI installs them)")
+
+
+def construct(name, shared_dir, postgres, stack):
+    """Build an installation from its expected system, as the README's deploy steps do."""
+    expected = show_json(name, "--expected", "--server", SERVER_OF[name])
+    base_dir = Path(expected["base_dir"])
+    stack.enter_context(os_user(name, base_dir))
+    env = installation_env(shared_dir, HOME=str(base_dir))
+    database = []
+    if name == "shop_prod":
+        postgres.sql(f"CREATE ROLE {name} LOGIN")
+        postgres.sql(f"CREATE DATABASE {name} OWNER {name}")
+        env.update(postgres.env())
+        database = ["--database", "postgresql"]
+    new_installation(base_dir, *database, user=name, env=env)
+    run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
+         "collectstatic", "--no-input"], env=env, cwd="/")
+    base_dir.chmod(0o711)  # nginx passes to static/ and media/; nobody lists the home
+    for path, text in expected["services"].items():
+        if not path.startswith(str(base_dir)):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+            stack.callback(Path(path).unlink)
+    run(["systemd-tmpfiles", "--create", f"/etc/tmpfiles.d/{name}.conf"])
+    stack.callback(shutil.rmtree, expected["run_dir"], True)
+    return expected, env
+
+
+@pytest.fixture(scope="session")
+def three_installations(shared_dir, postgres):
+    with contextlib.ExitStack() as stack:
+        yield {name: construct(name, shared_dir, postgres, stack) for name in SERVER_OF}
+
+
+def listing(name):
+    """Every file of an installation with its mode, owner, size and time."""
+    roots = [Path(f"/home/{name}"), Path(f"/run/{name}")] + [
+        Path(p) for p in glob.glob(f"/etc/systemd/system/{name}.*")
+        + glob.glob(f"/etc/tmpfiles.d/{name}.conf")]
+    entries = []
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            info = path.lstat()
+            entries.append((str(path), info.st_mode, info.st_uid, info.st_gid, info.st_size,
+                            info.st_mtime_ns))
+    return sorted(entries)
+
+
+def check(name, *args):
+    result = cli("check", name, "--server", SERVER_OF[name], "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(result.stdout)
+    return result.returncode, {d["what"]: d for d in report["differences"]}
+
+
+@needs_deploy_tools
+def test_units__verify_and_security_exposure(three_installations, tmp_path):
+    for name, (expected, _) in three_installations.items():
+        units = [f"/etc/systemd/system/{name}.socket", f"/etc/systemd/system/{name}.service"]
+        result = run(["systemd-analyze", "verify", *units], check=False)
+        assert result.returncode == 0, result.stderr
+        assert name not in result.stdout + result.stderr, result.stderr
+        result = run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                      units[1]], check=False)
+        exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+        assert result.returncode == 0 and float(exposure.group(1)) <= 2.0, result.stdout
+        assert f"User={name}\n" in expected["services"][units[1]]
+        user_units = [path for path in expected["services"] if "/.config/systemd/user/" in path]
+        user_dir = tmp_path / name
+        user_dir.mkdir()
+        for path in user_units:
+            (user_dir / Path(path).name).write_text(expected["services"][path])
+        runtime = tmp_path / f"runtime-{name}"
+        runtime.mkdir()
+        result = run(["systemd-analyze", "--user", "verify", *sorted(user_dir.iterdir())],
+                     check=False, env=clean_env(XDG_RUNTIME_DIR=str(runtime)))
+        assert result.returncode == 0, result.stderr
+
+
+@needs_deploy_tools
+def test_check__constructed_installation_holds(three_installations):
+    for name in three_installations:
+        before = listing(name)
+        returncode, differences = check(name)
+        assert (returncode, differences) == (0, {})
+        assert listing(name) == before
+    table = cli("check", "shop_dev", "--server", "uvicorn")
+    assert table.returncode == 0 and re.match(r"shop_dev: all \d+ checks hold", table.stdout)
+
+
+@contextlib.contextmanager
+def fault(break_it, repair):
+    break_it()
+    try:
+        yield
+    finally:
+        repair()
+
+
+@needs_deploy_tools
+def test_check__each_fault_by_name(three_installations):
+    name = "shop_qual"
+    base = Path("/home/shop_qual")
+    info = pwd.getpwnam(name)
+    wrapper = "#!/bin/sh\nexec /home/shop_dev/bin/python \"$@\"\n"
+    python = base / "bin" / "python"
+    python_target = os.readlink(python)
+    unit = Path(f"/etc/systemd/system/{name}.service")
+    unit_text = unit.read_text()
+    faults = {
+        "base_dir owner": (lambda: os.chown(base, 0, 0),
+                           lambda: os.chown(base, info.pw_uid, info.pw_gid)),
+        f"{base}/media": (lambda: (base / "media").rename(base / "media.away"),
+                          lambda: (base / "media.away").rename(base / "media")),
+        "secret_key_path mode": (lambda: (base / "secret_key").chmod(0o644),
+                                 lambda: (base / "secret_key").chmod(0o600)),
+        "actual name": (lambda: (python.unlink(), python.write_text(wrapper), python.chmod(0o755)),
+                        lambda: (python.unlink(), python.symlink_to(python_target))),
+        f"unit {unit}": (lambda: unit.write_text(unit_text.replace("NoNewPrivileges=yes\n", "")),
+                         lambda: unit.write_text(unit_text)),
+        "user": (lambda: run(["userdel", name]),
+                 lambda: (run(["groupadd", "--gid", info.pw_gid, name]),
+                          run(["useradd", "--no-create-home", "--home-dir", base, "--uid",
+                               info.pw_uid, "--gid", info.pw_gid, "--shell",
+                               "/usr/sbin/nologin", name]))),
+    }
+    for what, (break_it, repair) in faults.items():
+        with fault(break_it, repair):
+            before = listing(name)
+            returncode, differences = check(name)
+            assert returncode == 1 and what in differences, (what, differences)
+            assert listing(name) == before, what
+        assert check(name) == (0, {}), f"not repaired: {what}"
+    _, differences = check("shop_dev", "--server", "uvicorn")
+    assert differences == {}
+    table = cli("check", name, "--server", "hypercorn", "--core-repo", "other")
+    assert table.returncode == 1 and "core_repo_dir" in table.stdout
+
+
+def socket_activated(expected, env, log, stack):
+    """Start the server as systemd would: ExecStart of the unit, its user, the socket on fd 3."""
+    service = expected["services"][f"/etc/systemd/system/{expected['name']}.service"]
+    exec_start = shlex_split(re.search(r"^ExecStart=(.*)$", service, re.M).group(1))
+    workdir = re.search(r"^WorkingDirectory=(.*)$", service, re.M).group(1)
+    path = Path(expected["socket_path"])
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    shutil.chown(path, "root", "www-data")  # SocketGroup=www-data, SocketMode=0660
+    path.chmod(0o660)
+    listener.listen(64)
+    stack.callback(listener.close)
+    handoff = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+               "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+               "os.execv(sys.argv[2], sys.argv[2:])")
+    command = [SYSTEM_PYTHON, "-c", handoff, str(listener.fileno()), *exec_start]
+    return stack.enter_context(serving(
+        command, str(path), log, cwd=workdir, env=env, pass_fds=[listener.fileno()],
+        user=expected["user"], group=expected["group"], extra_groups=[]))
+
+
+def shlex_split(text):
+    import shlex
+    return shlex.split(text)
+
+
+@needs_deploy_tools
+def test_three_installations_behind_one_nginx(three_installations, tmp_path):
+    port = free_port()
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    with contextlib.ExitStack() as stack:
+        for name, (expected, env) in three_installations.items():
+            socket_activated(expected, env, tmp_path / f"{name}.log", stack)
+            site = expected["services"][f"/etc/nginx/sites-available/{name}.conf"]
+            (sites / f"{name}.conf").write_text(site.replace("listen 80;",
+                                                             f"listen 127.0.0.1:{port};"))
+            mode = Path(expected["socket_path"]).stat()
+            assert (stat.S_IMODE(mode.st_mode), mode.st_gid) == (0o660, pwd.getpwnam(
+                "www-data").pw_gid)
+        conf = tmp_path / "nginx.conf"
+        temp = "\n".join(f"  {kind}_temp_path {tmp_path}/{kind};" for kind in
+                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf.write_text(f"""user www-data;
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  include /etc/nginx/mime.types;
+  access_log {tmp_path}/access.log;
+{temp}
+  include {sites}/*.conf;
+}}
+""")
+        assert run(["/usr/sbin/nginx", "-t", "-c", conf], check=False).returncode == 0
+        stack.enter_context(serving(["/usr/sbin/nginx", "-c", conf, "-g", "daemon off;"],
+                                    ("127.0.0.1", port), tmp_path / "nginx.out"))
+        for name, (expected, _) in three_installations.items():
+            host = {"Host": f"{expected['container']}.localhost"}
+            status, headers, body = http_get(("127.0.0.1", port), "/", host)
+            assert status == 200, body
+            page = json.loads(body)
+            assert (page["name"], page["stage"], page["debug"]) == (
+                name, expected["stage"], expected["is_debug"])
+            database = "postgresql" if name == "shop_prod" else "sqlite"
+            assert page["database"] == database
+            assert page["database_name"] in (name, expected["database_sqlite_path"])
+            status, headers, body = http_get(("127.0.0.1", port), "/static/admin/css/base.css",
+                                             host)
+            assert status == 200 and headers["Server"].startswith("nginx")
+            assert "X-Frame-Options" not in headers, "static file came from Django, not nginx"
+        # Only root and the web server's group may connect to an installation's socket.
+        nobody = run(["runuser", "-u", "nobody", "--", SYSTEM_PYTHON, "-c",
+                      "import socket; s = socket.socket(socket.AF_UNIX); "
+                      "s.connect('/run/shop_prod/shop_prod.sock')"], check=False)
+        assert nobody.returncode != 0 and "PermissionError" in nobody.stderr
