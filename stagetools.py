@@ -40,7 +40,8 @@ __all__ = sorted([
     "STAGES", "STAGE_DEV", "STAGE_INT", "STAGE_PROD", "STAGE_QUAL",
     "Stage", "StagetoolsError", "System",
     "get_actual_system_from_name", "get_expected_system_from_name",
-    "check_installation", "main", "parse_name", "read_secret_key",
+    "check_installation", "database_url", "flask_config", "main", "parse_name", "read_secret_key",
+    "starlette_config",
 ])
 
 # ---------------------------------------------------------------- constants
@@ -72,9 +73,9 @@ ENV_NAME = "STAGETOOLS_NAME"
 DJANGO_PROJECT = "stagetools_project"
 FRAMEWORKS = ("django", "flask", "starlette")
 SERVERS = ("gunicorn", "uvicorn", "hypercorn")
-_DEFAULT_SERVER = {"django": "gunicorn", "flask": "gunicorn", "starlette": "uvicorn"}
-_WSGI_FRAMEWORKS = ("flask",)
-_ASGI_ONLY_SERVERS = ("uvicorn", "hypercorn")
+# The servers each framework runs on, the default first: Flask is WSGI, Starlette ASGI.
+_SERVERS_OF = {"django": ("gunicorn", "uvicorn", "hypercorn"), "flask": ("gunicorn",),
+               "starlette": ("uvicorn", "hypercorn")}
 _EXAMPLE_NAME = "shop_prod"
 _SECRET_KEY_MIN_LENGTH = 50
 
@@ -239,10 +240,8 @@ def _build_system(name, name_source, base_dir, user, group,
     core_repo = _check_identifier("core_repo", core_repo or configuration)
     core_app = _check_identifier("core_app", core_app or core_repo)
     framework = _check_choice("framework", framework or "django", FRAMEWORKS)
-    server = _check_choice("server", server or _DEFAULT_SERVER[framework], SERVERS)
-    if framework in _WSGI_FRAMEWORKS and server in _ASGI_ONLY_SERVERS:
-        raise StagetoolsError(f"invalid server {server!r} for {framework}: {framework} is a "
-                              "WSGI framework and needs gunicorn; use --server gunicorn")
+    server = _check_choice(f"server for {framework}", server or _SERVERS_OF[framework][0],
+                           _SERVERS_OF[framework])
     base_dir = Path(base_dir)
     if not base_dir.is_absolute():
         raise StagetoolsError(f"invalid base_dir '{base_dir}': it must be an absolute path, "
@@ -425,6 +424,39 @@ def _create_secret_file(path):
         os.unlink(temporary)
 
 
+def database_url(system, database="sqlite"):
+    """The database URL of the installation, for apps that take one (Flask, Starlette)."""
+    if database == "sqlite":
+        return f"sqlite:///{system.database_sqlite_path}"
+    if database == "postgresql":
+        # Peer authentication over the local socket: a user, no password, no TCP host.
+        socket_dir = os.environ.get("PGHOST") or system.database_socket_dir
+        return f"postgresql://{system.database_user}@/{system.database_name}?host={socket_dir}"
+    raise StagetoolsError(f"invalid database {database!r}: choose 'sqlite' or 'postgresql'")
+
+
+def flask_config(system, database="sqlite"):
+    """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
+    production = not system.is_debug
+    return {
+        "DEBUG": system.is_debug,
+        "SECRET_KEY": read_secret_key(system),
+        "DATABASE_URL": database_url(system, database),
+        "STATIC_FOLDER": str(system.static_dir),
+        "MEDIA_FOLDER": str(system.media_dir),
+        # Installations that share a domain must not read each other's cookies.
+        "SESSION_COOKIE_NAME": f"{system.name}_session",
+        "SESSION_COOKIE_SECURE": production,
+        "PREFERRED_URL_SCHEME": "https" if production else "http",
+    }
+
+
+def starlette_config(system, database="sqlite"):
+    """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
+    return {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in flask_config(system, database).items()}
+
+
 # ---------------------------------------------------------------- renderers
 
 
@@ -567,26 +599,23 @@ def _render_services(system):
     }
 
 
-_DJANGO_STARTER = {
-    "setup.py": """\
+_STARTER_SETUP = """\
 from setuptools import find_packages, setup
 
 setup(
     name="$core_repo",
     version="0.1.0",
-    py_modules=["aaa_env_setup", "aaa_script_setup", "stagetools", "stagetools_django"],
+    py_modules=$py_modules,
     packages=find_packages(),
     install_requires=$requirements,
 )
-""",
-    "aaa_env_setup.py": """\
-import os
+"""
+_STARTER_ENV_SETUP = """\
+${imports}from stagetools import get_actual_system_from_name
 
-from stagetools import get_actual_system_from_name
-
-SYSTEM = get_actual_system_from_name()
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)
-""",
+SYSTEM = get_actual_system_from_name($system_arguments)
+$settings_line"""
+_DJANGO_STARTER = {
     "aaa_script_setup.py": """\
 import aaa_env_setup  # noqa: F401 (first: it names the settings module)
 import django
@@ -670,20 +699,172 @@ def visits(request):
     return JsonResponse({"visits": request.session["visits"], "pid": os.getpid()})
 """,
 }
-_REQUIREMENTS = {"django": ["Django>=4.2", "gunicorn", "uvicorn", "hypercorn"]}
+# Flask and Starlette keep their notes in a table of their own, on DATABASE_URL.
+_STARTER_DB = '''\
+"""The notes table on the database URL that stagetools gives: SQLite or PostgreSQL."""
+import sqlite3
+
+
+def _execute(url, sql, parameters=()):
+    if url.startswith("sqlite:///"):
+        connection = sqlite3.connect(url[len("sqlite:///"):])
+        sql = sql.replace("%s", "?")
+    else:
+        import psycopg
+        connection = psycopg.connect(url)
+    try:
+        cursor = connection.execute(sql, parameters)
+        rows = cursor.fetchall() if sql.startswith("SELECT") else None
+        connection.commit()
+        return rows
+    finally:
+        connection.close()
+
+
+def create_tables(url):
+    _execute(url, "CREATE TABLE IF NOT EXISTS notes (text VARCHAR(200) NOT NULL)")
+
+
+def add_note(url, text):
+    _execute(url, "INSERT INTO notes (text) VALUES (%s)", (text,))
+
+
+def list_notes(url):
+    return [text for (text,) in _execute(url, "SELECT text FROM notes")]
+'''
+# python -m CORE_APP: what migrate is to Django.
+_STARTER_MAIN = '''\
+from . import DATABASE_URL, db
+
+db.create_tables(DATABASE_URL)
+'''
+_FLASK_STARTER = {
+    "$core_app/__init__.py": '''\
+import os
+
+import aaa_env_setup  # first: it resolves the installation
+import stagetools
+from flask import Flask, jsonify, request, session
+
+from . import db
+
+SYSTEM = aaa_env_setup.SYSTEM
+application = Flask(__name__, static_folder=str(SYSTEM.static_dir),
+                    static_url_path="/" + SYSTEM.static_url.rstrip("/"))
+application.config.update(stagetools.flask_config(SYSTEM, "$database"))
+DATABASE_URL = application.config["DATABASE_URL"]
+
+
+@application.get("/")
+def home():
+    return jsonify(name=SYSTEM.name, stage=SYSTEM.stage.label, debug=application.debug,
+                   database=DATABASE_URL.split(":")[0])
+
+
+@application.route("/notes/", methods=["GET", "POST"])
+def notes():
+    if request.method == "POST":
+        db.add_note(DATABASE_URL, request.form["text"])
+    return jsonify(notes=db.list_notes(DATABASE_URL))
+
+
+@application.get("/visits/")
+def visits():
+    session["visits"] = session.get("visits", 0) + 1
+    return jsonify(visits=session["visits"], pid=os.getpid())
+''',
+    "$core_app/db.py": _STARTER_DB,
+    "$core_app/__main__.py": _STARTER_MAIN,
+}
+_STARLETTE_STARTER = {
+    "$core_app/__init__.py": '''\
+import os
+
+import aaa_env_setup  # first: it resolves the installation
+import stagetools
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.config import Config
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import db
+
+SYSTEM = aaa_env_setup.SYSTEM
+config = Config(environ=stagetools.starlette_config(SYSTEM, "$database"))
+DEBUG = config("DEBUG", cast=bool)
+DATABASE_URL = config("DATABASE_URL")
+
+
+async def home(request):
+    return JSONResponse({"name": SYSTEM.name, "stage": SYSTEM.stage.label, "debug": DEBUG,
+                         "database": DATABASE_URL.split(":")[0]})
+
+
+async def notes(request):
+    if request.method == "POST":
+        text = (await request.json())["text"]
+        await run_in_threadpool(db.add_note, DATABASE_URL, text)
+    return JSONResponse({"notes": await run_in_threadpool(db.list_notes, DATABASE_URL)})
+
+
+async def visits(request):
+    request.session["visits"] = request.session.get("visits", 0) + 1
+    return JSONResponse({"visits": request.session["visits"], "pid": os.getpid()})
+
+
+application = Starlette(
+    debug=DEBUG,
+    routes=[
+        Route("/", home),
+        Route("/notes/", notes, methods=["GET", "POST"]),
+        Route("/visits/", visits),
+        Mount("/" + SYSTEM.static_url.rstrip("/"), StaticFiles(directory=SYSTEM.static_dir)),
+    ],
+    middleware=[Middleware(SessionMiddleware, secret_key=config("SECRET_KEY"),
+                           session_cookie=config("SESSION_COOKIE_NAME"),
+                           https_only=config("SESSION_COOKIE_SECURE", cast=bool))],
+)
+''',
+    "$core_app/db.py": _STARTER_DB,
+    "$core_app/__main__.py": _STARTER_MAIN,
+}
+_STARTERS = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
+             "starlette": _STARLETTE_STARTER}
+_REQUIREMENTS = {"django": ["Django>=4.2", "gunicorn", "uvicorn", "hypercorn"],
+                 "flask": ["Flask", "gunicorn"],
+                 "starlette": ["starlette", "itsdangerous", "uvicorn", "hypercorn"]}
 _DATABASE_REQUIREMENTS = {"sqlite": [], "postgresql": ["psycopg[binary]"]}
 
 
 def _render_starter(system, database):
     """The files of a new repo in the seed's layout: relative path -> text."""
     import string
-    values = dict(core_repo=system.core_repo, core_app=system.core_app, database=database,
-                  requirements=repr(_REQUIREMENTS[system.framework]
-                                    + _DATABASE_REQUIREMENTS[database]))
+    django = system.framework == "django"
+    modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
+    arguments = [f"{key}={json.dumps(value)}" for key, value, default in [
+        ("core_repo", system.core_repo, system.configuration),
+        ("core_app", system.core_app, system.core_repo),
+        ("framework", system.framework, "django")] if value != default]
+    values = dict(
+        core_repo=system.core_repo, core_app=system.core_app, database=database,
+        requirements=json.dumps(_REQUIREMENTS[system.framework]
+                                + _DATABASE_REQUIREMENTS[database]),
+        py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
+                              + [module[:-3] for module in modules]),
+        system_arguments=", ".join(arguments),
+        imports="import os\n\n" if django else "",
+        settings_line='os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)\n'
+        if django else "")
+    templates = {"setup.py": _STARTER_SETUP, "aaa_env_setup.py": _STARTER_ENV_SETUP,
+                 **_STARTERS[system.framework]}
     files = {string.Template(path).substitute(values): string.Template(text).substitute(values)
-             for path, text in _DJANGO_STARTER.items()}
+             for path, text in templates.items()}
     here = Path(os.path.realpath(__file__)).parent
-    for module in ("stagetools.py", "stagetools_django.py"):
+    for module in modules:
         files[module] = (here / module).read_text(encoding="utf-8")
     return files
 
@@ -908,9 +1089,12 @@ def _cmd_new(args):
             folder.mkdir(exist_ok=True)
         _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
              "installing the starter repo and its requirements")
-        manage = [system.python_path, system.manage_py_path]
-        _run(manage + ["makemigrations", system.core_app], "making the first migration")
-        _run(manage + ["migrate", "--no-input"], "migrating the database")
+        if system.framework == "django":
+            manage = [system.python_path, system.manage_py_path]
+            _run(manage + ["makemigrations", system.core_app], "making the first migration")
+            _run(manage + ["migrate", "--no-input"], "migrating the database")
+        else:
+            _run([system.python_path, "-m", system.core_app], "creating the tables")
     except BaseException:
         if created:
             import shutil
@@ -918,10 +1102,9 @@ def _cmd_new(args):
         raise
     print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
           "Serve it with one of:")
-    for server in SERVERS:
-        if server == system.server or system.framework == "django":
-            serving = replace(system, server=server)
-            print("  " + shlex.join(_server_command(serving, "127.0.0.1:8000")))
+    for server in _SERVERS_OF[system.framework]:
+        serving = replace(system, server=server)
+        print("  " + shlex.join(_server_command(serving, "127.0.0.1:8000")))
     return 0
 
 

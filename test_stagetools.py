@@ -857,21 +857,22 @@ needs_deploy_tools = pytest.mark.skipif(
            "(CI installs them)")
 
 
-def construct(name, shared_dir, postgres, stack):
+def construct(name, shared_dir, postgres, stack, server, framework="django",
+              database="sqlite"):
     """Build an installation from its expected system, as the README's deploy steps do."""
-    expected = show_json(name, "--expected", "--server", SERVER_OF[name])
+    expected = show_json(name, "--expected", "--server", server, "--framework", framework)
     base_dir = Path(expected["base_dir"])
     stack.enter_context(os_user(name, base_dir))
     env = installation_env(shared_dir, HOME=str(base_dir))
-    database = []
-    if name == "shop_prod":
+    if database == "postgresql":
         postgres.sql(f"CREATE ROLE {name} LOGIN")
         postgres.sql(f"CREATE DATABASE {name} OWNER {name}")
         env.update(postgres.env())
-        database = ["--database", "postgresql"]
-    new_installation(base_dir, *database, user=name, env=env)
-    run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
-         "collectstatic", "--no-input"], env=env, cwd="/")
+    new_installation(base_dir, "--database", database, "--framework", framework, user=name,
+                     env=env)
+    if framework == "django":
+        run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
+             "collectstatic", "--no-input"], env=env, cwd="/")
     base_dir.chmod(0o711)  # nginx passes to static/ and media/; nobody lists the home
     for path, text in expected["services"].items():
         if not path.startswith(str(base_dir)):
@@ -886,7 +887,9 @@ def construct(name, shared_dir, postgres, stack):
 @pytest.fixture(scope="session")
 def three_installations(shared_dir, postgres):
     with contextlib.ExitStack() as stack:
-        yield {name: construct(name, shared_dir, postgres, stack) for name in SERVER_OF}
+        yield {name: construct(name, shared_dir, postgres, stack, server,
+                               database="postgresql" if name == "shop_prod" else "sqlite")
+               for name, server in SERVER_OF.items()}
 
 
 def listing(name):
@@ -1073,3 +1076,91 @@ http {{
                       "import socket; s = socket.socket(socket.AF_UNIX); "
                       "s.connect('/run/shop_prod/shop_prod.sock')"], check=False)
         assert nobody.returncode != 0 and "PermissionError" in nobody.stderr
+
+
+
+# ---------------------------------------------------------------- Flask and Starlette
+
+
+def test_flask_and_starlette_config(tmp_path, monkeypatch):
+    from starlette.config import Config
+    monkeypatch.delenv("PGHOST", raising=False)
+    dev = stagetools.get_expected_system_from_name("blog_dev", base_dir=tmp_path / "blog_dev",
+                                                   framework="flask")
+    prod = stagetools.get_expected_system_from_name("feed_prod", base_dir=tmp_path / "feed_prod",
+                                                    framework="starlette")
+    for system in (dev, prod):
+        system.base_dir.mkdir()
+    flask = stagetools.flask_config(dev)
+    assert flask == {
+        "DEBUG": True, "SECRET_KEY": stagetools.read_secret_key(dev),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/blog_dev/blog.sqlite",
+        "STATIC_FOLDER": f"{tmp_path}/blog_dev/static", "MEDIA_FOLDER": f"{tmp_path}/blog_dev/media",
+        "SESSION_COOKIE_NAME": "blog_dev_session", "SESSION_COOKIE_SECURE": False,
+        "PREFERRED_URL_SCHEME": "http"}
+    config = Config(environ=stagetools.starlette_config(prod, "postgresql"))
+    assert config("DEBUG", cast=bool) is False and config("SESSION_COOKIE_SECURE", cast=bool)
+    assert config("DATABASE_URL") == \
+        "postgresql://feed_prod@/feed_prod?host=/var/run/postgresql"
+    assert config("SECRET_KEY") == stagetools.read_secret_key(prod) != flask["SECRET_KEY"]
+    assert (prod.asgi_application, prod.server) == ("feed:application", "uvicorn")
+    assert (dev.wsgi_application, dev.server) == ("blog:application", "gunicorn")
+    with pytest.raises(stagetools.StagetoolsError, match="server for flask 'uvicorn'"):
+        stagetools.get_expected_system_from_name("blog_dev", framework="flask", server="uvicorn")
+
+
+def test_flask_and_starlette_units_follow_from_the_system():
+    flask = show_json("blog_dev", "--expected", "--framework", "flask")["services"]
+    starlette = show_json("feed_prod", "--expected", "--framework", "starlette", "--server",
+                          "hypercorn")["services"]
+    assert "ExecStart=/home/blog_dev/bin/gunicorn blog:application\n" in \
+        flask["/etc/systemd/system/blog_dev.service"]
+    assert "ExecStart=/home/feed_prod/bin/hypercorn --bind fd://3 feed:application\n" in \
+        starlette["/etc/systemd/system/feed_prod.service"]
+    assert "Type=exec\n" in starlette["/etc/systemd/system/feed_prod.service"]
+
+
+@needs_deploy_tools
+def test_flask_dev_and_starlette_prod__served_from_their_units(shared_dir, postgres, tmp_path):
+    with contextlib.ExitStack() as stack:
+        blog, blog_env = construct("blog_dev", shared_dir, postgres, stack, "gunicorn",
+                                   framework="flask")
+        feed, feed_env = construct("feed_prod", shared_dir, postgres, stack, "uvicorn",
+                                   framework="starlette", database="postgresql")
+        # A second gunicorn worker, to show it accepts the first one's session cookie.
+        blog_env["GUNICORN_CMD_ARGS"] = "--workers 2"
+        socket_activated(blog, blog_env, tmp_path / "blog.log", stack)
+        socket_activated(feed, feed_env, tmp_path / "feed.log", stack)
+        status, _, body = http_get(blog["socket_path"], "/")
+        assert json.loads(body) == {"name": "blog_dev", "stage": "dev", "debug": True,
+                                    "database": "sqlite"}
+        status, _, body = http_get(feed["socket_path"], "/")
+        assert json.loads(body) == {"name": "feed_prod", "stage": "prod", "debug": False,
+                                    "database": "postgresql"}
+        status, headers, body = http_get(blog["socket_path"], "/visits/")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert cookie.startswith("blog_dev_session=")
+        pids, counts = set(), []
+        for _ in range(30):  # the cookie holds the session, signed by the last worker
+            _, headers, body = http_get(blog["socket_path"], "/visits/", {"Cookie": cookie})
+            cookie = headers["Set-Cookie"].split(";")[0]
+            pids.add(json.loads(body)["pid"])
+            counts.append(json.loads(body)["visits"])
+        assert counts == list(range(2, 32)) and len(pids) == 2
+        status, _, body = http_get(blog["socket_path"], "/notes/", method="POST",
+                                   body="text=flask+note", headers={
+                                       "Content-Type": "application/x-www-form-urlencoded"})
+        assert json.loads(body) == {"notes": ["flask note"]}
+        status, _, body = http_get(feed["socket_path"], "/notes/", method="POST",
+                                   body=json.dumps({"text": "starlette note"}),
+                                   headers={"Content-Type": "application/json"})
+        assert json.loads(body) == {"notes": ["starlette note"]}
+        assert postgres.sql("SELECT text FROM notes", "feed_prod", "feed_prod") == "starlette note"
+        sqlite = run(["runuser", "-u", "blog_dev", "--", SYSTEM_PYTHON, "-c",
+                      "import sqlite3; print(sqlite3.connect('/home/blog_dev/blog.sqlite')"
+                      ".execute('SELECT text FROM notes').fetchall())"], cwd="/")
+        assert sqlite.stdout.strip() == "[('flask note',)]"
+        for name, server in (("blog_dev", "gunicorn"), ("feed_prod", "uvicorn")):
+            framework = "flask" if name == "blog_dev" else "starlette"
+            result = cli("check", name, "--framework", framework, "--server", server)
+            assert result.returncode == 0, result.stdout
