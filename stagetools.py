@@ -534,6 +534,8 @@ def _render_units(system, user_unit):
     socket_path = "%t/{0}/{0}.sock".format(system.name) if user_unit else system.socket_path
     socket_access = "SocketMode=0600\nDirectoryMode=0700" if user_unit else \
         f"SocketGroup={_WEB_GROUP}\nSocketMode=0660\nDirectoryMode=0755"
+    # DirectoryMode only matters if tmpfiles has not made the dir (0750 NAME:www-data)
+    # first; the socket's own mode 0660 keeps other users out either way.
     socket = (f"[Unit]\nDescription={system.name} socket (stagetools)\n\n"
               f"[Socket]\nListenStream={socket_path}\n{socket_access}\n\n"
               "[Install]\nWantedBy=sockets.target\n")
@@ -1114,8 +1116,6 @@ def _cmd_check(args):
     expected = get_expected_system_from_name(
         args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
         framework=args.framework, server=args.server)
-    if os.name != "posix":
-        raise StagetoolsError("check inspects Unix users and files: run it on the server")
     checks, differences = check_installation(expected)
     if args.json:
         print(json.dumps({"name": expected.name, "ok": not differences, "checks": checks,
@@ -1136,10 +1136,16 @@ def main(argv=None):
     """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input)."""
     try:
         args = _parser().parse_args(argv)
+        if args.command in ("new", "check") and os.name != "posix":
+            raise StagetoolsError(f"{args.command} works on Linux installations (users, "
+                                  "venvs with bin/, systemd): run it on the server")
         return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
     except StagetoolsError as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ import importlib
 import importlib.util
 import os
 import sys
-import threading
 
 import stagetools
 
-__all__ = ["asgi_application", "check_installation", "manage", "settings_defaults",
-           "wsgi_application"]
+# The entry points asgi_application and wsgi_application are left out: a star import
+# would build Django's application.
+__all__ = ["check_settings", "manage", "settings_defaults"]
 
 # Production (QUAL and PROD) runs behind a TLS-terminating nginx on the same host
 # that redirects HTTP to HTTPS and sets X-Forwarded-Proto (see the README).
@@ -78,7 +78,7 @@ def settings_defaults(database="sqlite", system=None):
                                          "'postgresql'")
     # Registered here, because every stagetools settings module comes through here.
     from django.core import checks
-    checks.register(check_installation)
+    checks.register(check_settings)
     production = not system.is_debug
     settings = {
         "STAGETOOLS_NAME": system.name,
@@ -115,10 +115,15 @@ def settings_defaults(database="sqlite", system=None):
         }],
         "DATABASES": {"default": databases[database]},
         "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
+        "USE_TZ": True,
+        "TIME_ZONE": "UTC",
         "STATIC_URL": system.static_url,
         "STATIC_ROOT": system.static_dir,
         "MEDIA_URL": system.media_url,
         "MEDIA_ROOT": system.media_dir,
+        # nginx serves uploads: readable by it whatever the service's UMask=0027.
+        "FILE_UPLOAD_PERMISSIONS": 0o644,
+        "FILE_UPLOAD_DIRECTORY_PERMISSIONS": 0o755,
         # Installations that share a domain must not read each other's cookies or cache.
         "SESSION_COOKIE_NAME": f"{system.name}_sessionid",
         "CSRF_COOKIE_NAME": f"{system.name}_csrftoken",
@@ -134,7 +139,7 @@ def settings_defaults(database="sqlite", system=None):
     return settings
 
 
-def check_installation(app_configs=None, **kwargs):
+def check_settings(app_configs=None, **kwargs):
     """Django system check: the settings must not contradict the installation."""
     from django.conf import settings
     from django.core.checks import Error, Warning
@@ -172,33 +177,27 @@ def _build_application(builder):
     module_name, _, function_name = builder.rpartition(".")
     application = getattr(importlib.import_module(module_name), function_name)()
     from django.core.exceptions import ImproperlyConfigured
-    for problem in check_installation():
+    for problem in check_settings():
         if problem.is_serious():
             raise ImproperlyConfigured(f"{problem.msg}: {problem.hint} ({problem.id})")
     return application
 
 
-class _LazyApplication:
-    """Django's application, built on first use: a settings module that imports
-    stagetools_django must not build it while being imported."""
+class _LazyASGIApplication:
+    """Django's ASGI application, built at the server's lifespan start-up (or on the first
+    request if the server has lifespan off): never while a settings module imports us."""
 
-    def __init__(self, builder):
-        self._builder = builder
+    def __init__(self):
         self._application = None
-        self._lock = threading.Lock()
 
     def _get(self):
-        with self._lock:
-            if self._application is None:
-                self._application = _build_application(self._builder)
+        if self._application is None:  # one event loop per process: no race
+            self._application = _build_application("django.core.asgi.get_asgi_application")
         return self._application
 
-
-class _LazyASGIApplication(_LazyApplication):
     async def __call__(self, scope, receive, send):
         if scope["type"] != "lifespan":
             return await self._get()(scope, receive, send)
-        # Build at server start-up, so a broken installation fails there, not per request.
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -214,13 +213,17 @@ class _LazyASGIApplication(_LazyApplication):
                 return
 
 
-class _LazyWSGIApplication(_LazyApplication):
-    def __call__(self, environ, start_response):
-        return self._get()(environ, start_response)
+asgi_application = _LazyASGIApplication()
 
 
-asgi_application = _LazyASGIApplication("django.core.asgi.get_asgi_application")
-wsgi_application = _LazyWSGIApplication("django.core.wsgi.get_wsgi_application")
+def __getattr__(attribute):
+    """``wsgi_application``, built when a WSGI server looks it up (PEP 562), so that a
+    broken installation fails at start-up: WSGI has no lifespan to do it in."""
+    if attribute != "wsgi_application":
+        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+    application = _build_application("django.core.wsgi.get_wsgi_application")
+    globals()[attribute] = application
+    return application
 
 
 def manage(argv=None):

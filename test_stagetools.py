@@ -305,6 +305,12 @@ def test_any_string__a_system_or_our_error(name):
         assert len(name) <= 32 and system.stage_name[0] in "pqid"
 
 
+def test_show_into_a_closed_pipe__no_traceback():
+    result = run(["bash", "-c", f"{sys.executable} {STAGETOOLS} show shop_prod --expected "
+                  "--json | head -c 10"], check=False)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_json_and_table_of_show():
     assert {k: v for k, v in show_json("shop_prod", "--expected").items()
             if k != "services"} == SHOP_PROD
@@ -685,6 +691,11 @@ def test_prod__debug_on_in_settings__refused(prod_installation, tmp_path):
                                  env=clean_env(), stdout=open(log, "w"),
                                  stderr=subprocess.STDOUT, timeout=60)
         assert process.returncode != 0 and "stagetools.E001" in log.read_text()
+        process = subprocess.run([prod_installation / "bin" / "gunicorn", "--bind",
+                                  f"127.0.0.1:{port}", "stagetools_django:wsgi_application"],
+                                 cwd="/", env=clean_env(), stdout=open(log, "w"),
+                                 stderr=subprocess.STDOUT, timeout=60)
+        assert process.returncode != 0 and "stagetools.E001" in log.read_text()
     finally:
         settings_py.write_text(original)
 
@@ -837,6 +848,8 @@ def test_settings_defaults__per_installation_and_stage(tmp_path, monkeypatch):
     assert d["DATABASES"]["default"] == {"ENGINE": "django.db.backends.sqlite3",
                                          "NAME": str(tmp_path / "shop_dev" / "shop.sqlite")}
     assert (p["DEBUG"], d["DEBUG"]) == (False, True)
+    assert (p["TIME_ZONE"], p["USE_TZ"], p["FILE_UPLOAD_DIRECTORY_PERMISSIONS"]) == (
+        "UTC", True, 0o755)
     assert (p["SESSION_COOKIE_NAME"], d["CSRF_COOKIE_NAME"]) == ("shop_prod_sessionid",
                                                                  "shop_dev_csrftoken")
     assert p["CACHES"]["default"]["KEY_PREFIX"] == "shop_prod"

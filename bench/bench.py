@@ -11,7 +11,8 @@ round), after one unmeasured warm-up round, and prints medians:
    points and settings defaults, against the same project in plain Django files.
 3. serving: requests per second of one small view under uvicorn, through
    ``stagetools_django:asgi_application`` against Django's ``get_asgi_application``,
-   same settings, loaded from this process over loopback for a fixed time.
+   same settings, a fresh server each run, loaded from this process over
+   loopback for a fixed time.
 4. scale: resolving and comparing N expected systems, time per system.
 
 The fixture projects are written into a temporary directory, with copies of
@@ -341,22 +342,22 @@ async def load(port, seconds, connections=8, path="/ping/"):
 
 
 def bench_serving(project, runs, seconds):
+    """A fresh server for every run, so no one process's luck decides the ratio."""
     apps = {"get_asgi_application": "plain_asgi:application",
             "stagetools": "stagetools_django:asgi_application"}
-    servers = {}
-    try:
-        for variant, app in apps.items():
-            servers[variant] = start_server(app, project)
-        for variant in apps:  # warm-up beyond interleave's first round
-            asyncio.run(load(servers[variant][1], min(seconds, 1)))
-        results = interleave(list(apps), runs,
-                             lambda variant: asyncio.run(load(servers[variant][1], seconds)))
-    finally:
-        for server, _ in servers.values():
+
+    def measure(variant):
+        server, port = start_server(apps[variant], project)
+        try:
+            asyncio.run(load(port, min(seconds, 0.5)))  # warm-up
+            return asyncio.run(load(port, seconds))
+        finally:
             stop_server(server)
+
+    results = interleave(list(apps), runs, measure)
     base, cand = median(results["get_asgi_application"]), median(results["stagetools"])
-    return [row("3 serving", f"uvicorn, 8 connections, {seconds:g} s runs", "get_asgi_application", base,
-                "stagetools_django:asgi_application", cand, "req/s", "ratio ≥ 0.98",
+    return [row("3 serving", f"uvicorn, 8 connections, {seconds:g} s", "get_asgi_application",
+                base, "stagetools_django:asgi_application", cand, "req/s", "ratio ≥ 0.98",
                 cand / base >= 0.98)]
 
 
@@ -427,12 +428,12 @@ def main(argv=None):
                         help="a few iterations of everything: does it still work?")
     parser.add_argument("--runs", type=int, help="measured rounds (default 20; smoke 3)")
     parser.add_argument("--seconds", type=float,
-                        help="length of one serving run (default 5; smoke 0.5)")
+                        help="length of one serving run (default 3; smoke 0.5)")
     parser.add_argument("--only", type=int, choices=(1, 2, 3, 4), action="append",
                         help="run only this benchmark (repeatable)")
     args = parser.parse_args(argv)
     runs = args.runs or (3 if args.smoke else 20)
-    seconds = args.seconds or (0.5 if args.smoke else 5)
+    seconds = args.seconds or (0.5 if args.smoke else 3)
     only = set(args.only or (1, 2, 3, 4))
     sizes = (10, 100, 1000) if args.smoke else (10, 100, 1000, 10000)
     started = time.monotonic()
