@@ -22,17 +22,10 @@ two (``System.differences``) tells whether an installation was built right.
 Standard library only: copy this file into a repo, symlink it, or pip install.
 """
 
-import argparse
-import enum
-import json
+# Only os and sys at import time: everything else is imported where it is used, so
+# that importing stagetools and resolving a system costs next to nothing (bench/).
 import os
-import re
-import secrets
-import shlex
-import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 __version__ = "1.0.0"
 __all__ = sorted([
@@ -47,19 +40,29 @@ __all__ = sorted([
 # ---------------------------------------------------------------- constants
 
 
-class Stage(enum.IntEnum):
-    """The stage of an installation; the levels of the original stagetools."""
+class Stage(int):
+    """The stage of an installation: an int with the levels of the original stagetools.
 
-    PROD = 0
-    QUAL = 1
-    INT = 2
-    DEV = 3
+    Its four values are ``Stage.PROD`` (0), ``QUAL`` (1), ``INT`` (2) and ``DEV`` (3).
+    """
+
+    __slots__ = ()
 
     @property
     def label(self):
-        return self.name.lower()
+        """'prod', 'qual', 'int' or 'dev': the stage's name in JSON and in tables."""
+        return _STAGE_LABELS[self]
+
+    @property
+    def name(self):
+        return self.label.upper()
+
+    def __repr__(self):
+        return f"Stage.{self.name}"
 
 
+_STAGE_LABELS = ("prod", "qual", "int", "dev")
+Stage.PROD, Stage.QUAL, Stage.INT, Stage.DEV = (Stage(level) for level in range(4))
 STAGE_PROD, STAGE_QUAL, STAGE_INT, STAGE_DEV = Stage.PROD, Stage.QUAL, Stage.INT, Stage.DEV
 STAGES = (STAGE_PROD, STAGE_QUAL, STAGE_INT, STAGE_DEV)
 # SECURITY WARNING: only these stages may run with DEBUG on.
@@ -76,6 +79,7 @@ SERVERS = ("gunicorn", "uvicorn", "hypercorn")
 # The servers each framework runs on, the default first: Flask is WSGI, Starlette ASGI.
 _SERVERS_OF = {"django": ("gunicorn", "uvicorn", "hypercorn"), "flask": ("gunicorn",),
                "starlette": ("uvicorn", "hypercorn")}
+_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _EXAMPLE_NAME = "shop_prod"
 _SECRET_KEY_MIN_LENGTH = 50
 
@@ -115,7 +119,7 @@ def parse_name(name):
     if name.lower() != name:
         _refuse_name(name, "it has uppercase letters; Unix user names are lowercase",
                      f"use {name.lower()!r}")
-    bad = sorted(set(re.sub(r"[a-z0-9_]", "", name)))
+    bad = sorted(set(name) - _NAME_CHARACTERS)
     if bad:
         _refuse_name(name, f"it has the characters {''.join(bad)!r}", "use a-z, 0-9 and _ only")
     configuration, underscore, stage_name = name.rpartition("_")
@@ -150,88 +154,83 @@ def _check_choice(kind, value, choices):
     return value
 
 
-@dataclass(frozen=True)
 class System:
     """An installation: everything that follows from its name. Immutable.
 
-    Holds no secret: the secret key stays in the file at ``secret_key_path``.
+    Path attributes are ``pathlib.Path`` objects, made on first access so that
+    resolving a system costs no pathlib import. Holds no secret: the secret key
+    stays in the file at ``secret_key_path``.
     """
 
-    # identity
-    name: str
-    name_source: str
-    user: str
-    group: str
-    container: str
-    configuration: str
-    stage_name: str
-    stage: Stage
-    core_repo: str
-    core_app: str
-    is_debug: bool
-    framework: str
-    server: str
-    # paths
-    base_dir: Path
-    venv_dir: Path
-    bin_dir: Path
-    lib_dir: Path
-    src_dir: Path
-    python_path: Path
-    pip_path: Path
-    core_repo_dir: Path
-    static_url: str
-    static_dir: Path
-    media_url: str
-    media_dir: Path
-    run_dir: Path
-    socket_path: Path
-    secret_key_path: Path
-    # entry points
-    application_name: str
-    asgi_module: str
-    asgi_application: str
-    wsgi_module: str
-    wsgi_application: str
-    # Django
-    django_project: str
-    django_settings: str
-    django_rooturls: str
-    django_wsgi_application: str
-    manage_py_path: Path
-    # database
-    database_name: str
-    database_user: str
-    database_sqlite_path: Path
-    database_socket_dir: Path
+    def __init__(self, **values):
+        if set(values) != set(_FIELDS):
+            raise TypeError(f"System needs exactly the fields {', '.join(_FIELDS)}")
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name):
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise AttributeError(f"System has no attribute {name!r}") from None
+        if name in _PATH_FIELDS:
+            from pathlib import Path
+            value = Path(value)
+            object.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"System is immutable: cannot set {name!r}")
+
+    __delattr__ = __setattr__
+
+    def __eq__(self, other):
+        return isinstance(other, System) and self._values == other._values
+
+    def __hash__(self):
+        return hash(tuple(self._values[name] for name in _FIELDS))
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_FIELDS))
 
     def __repr__(self):
         return (f"System(name={self.name!r}, stage={self.stage.label}, user={self.user!r}, "
-                f"base_dir='{self.base_dir}', source={self.name_source!r})")
+                f"base_dir={self._values['base_dir']!r}, source={self.name_source!r})")
 
     @property
     def services(self):
-        """The files an installation needs outside its venv: file name -> text."""
+        """The files an installation needs outside its repo: absolute path -> text."""
         return _render_services(self)
 
     def as_dict(self):
         """A JSON-ready dict: paths as strings, the stage as 'prod', 'qual', 'int' or 'dev'."""
-        result = {}
-        for key, value in asdict(self).items():
-            if isinstance(value, Stage):
-                value = value.label
-            elif isinstance(value, Path):
-                value = str(value)
-            result[key] = value
+        result = {name: self._values[name] for name in _FIELDS}
+        result["stage"] = self.stage.label
         result["services"] = self.services
         return result
 
     def differences(self, other, ignore=("name_source",)):
         """The fields where ``other`` differs: a list of (field, this value, other value)."""
-        return [(field.name, getattr(self, field.name), getattr(other, field.name))
-                for field in fields(self)
-                if field.name not in ignore
-                and getattr(self, field.name) != getattr(other, field.name)]
+        return [(name, getattr(self, name), getattr(other, name)) for name in _FIELDS
+                if name not in ignore and self._values[name] != other._values[name]]
+
+
+_FIELDS = (
+    # identity
+    "name", "name_source", "user", "group", "container", "configuration", "stage_name",
+    "stage", "core_repo", "core_app", "is_debug", "framework", "server",
+    # paths
+    "base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path", "pip_path",
+    "core_repo_dir", "static_url", "static_dir", "media_url", "media_dir", "run_dir",
+    "socket_path", "secret_key_path",
+    # entry points
+    "application_name", "asgi_module", "asgi_application", "wsgi_module", "wsgi_application",
+    # Django
+    "django_project", "django_settings", "django_rooturls", "django_wsgi_application",
+    "manage_py_path",
+    # database
+    "database_name", "database_user", "database_sqlite_path", "database_socket_dir",
+)
+_PATH_FIELDS = frozenset(name for name in _FIELDS if name.endswith(("_dir", "_path")))
 
 
 def _build_system(name, name_source, base_dir, user, group,
@@ -242,13 +241,13 @@ def _build_system(name, name_source, base_dir, user, group,
     framework = _check_choice("framework", framework or "django", FRAMEWORKS)
     server = _check_choice(f"server for {framework}", server or _SERVERS_OF[framework][0],
                            _SERVERS_OF[framework])
-    base_dir = Path(base_dir)
-    if not base_dir.is_absolute():
-        raise StagetoolsError(f"invalid base_dir '{base_dir}': it must be an absolute path, "
+    base_dir = os.fspath(base_dir)
+    if not os.path.isabs(base_dir):
+        raise StagetoolsError(f"invalid base_dir {base_dir!r}: it must be an absolute path, "
                               f"for example '/home/{name}'")
-    bin_dir = base_dir / "bin"
-    src_dir = base_dir / "src"
-    run_dir = Path("/run") / name
+    base_dir = os.path.normpath(base_dir)
+    join = os.path.join
+    bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     if framework == "django":
         entry_module = "stagetools_django"
         asgi_application = f"{entry_module}:asgi_application"
@@ -261,22 +260,22 @@ def _build_system(name, name_source, base_dir, user, group,
         container=name.replace("_", "-"), configuration=configuration,
         stage_name=stage_name, stage=stage, core_repo=core_repo, core_app=core_app,
         is_debug=stage in DEBUG_STAGES, framework=framework, server=server,
-        base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=base_dir / "lib",
-        src_dir=src_dir, python_path=bin_dir / "python", pip_path=bin_dir / "pip",
-        core_repo_dir=src_dir / core_repo, static_url="static/",
-        static_dir=base_dir / "static", media_url="media/", media_dir=base_dir / "media",
-        run_dir=run_dir, socket_path=run_dir / f"{name}.sock",
-        secret_key_path=base_dir / "secret_key",
+        base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
+        src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
+        core_repo_dir=join(src_dir, core_repo), static_url="static/",
+        static_dir=join(base_dir, "static"), media_url="media/",
+        media_dir=join(base_dir, "media"), run_dir=run_dir,
+        socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
         application_name="application", asgi_module=entry_module,
         asgi_application=asgi_application, wsgi_module=entry_module,
         wsgi_application=wsgi_application, django_project=DJANGO_PROJECT,
         django_settings=f"{DJANGO_PROJECT}.settings", django_rooturls=f"{DJANGO_PROJECT}.urls",
         django_wsgi_application=wsgi_application.replace(":", "."),
-        manage_py_path=src_dir / core_repo / "manage.py",
+        manage_py_path=join(src_dir, core_repo, "manage.py"),
         database_name=name, database_user=name,
-        database_sqlite_path=base_dir / f"{core_repo}.sqlite",
+        database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
         # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).
-        database_socket_dir=Path("/var/run/postgresql"),
+        database_socket_dir="/var/run/postgresql",
     )
 
 
@@ -313,7 +312,10 @@ def _name_problem(candidate):
 
 def _module_dirs():
     """The directories above this file, nearest first, following symlinks to the real file."""
-    return list(Path(os.path.realpath(__file__)).parents)
+    directories = [os.path.dirname(os.path.realpath(__file__))]
+    while os.path.dirname(directories[-1]) != directories[-1]:
+        directories.append(os.path.dirname(directories[-1]))
+    return directories
 
 
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
@@ -325,8 +327,9 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     the nearest directory above this file named like an installation. The
     ``name_source`` attribute says which one was used.
     """
-    prefix = Path(sys.prefix)
+    prefix = os.path.normpath(sys.prefix)
     module_dirs = _module_dirs()
+    basename = os.path.basename
     tried = []
     source = None
     if name is not None:
@@ -342,15 +345,15 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     else:
         tried.append("argument: not given")
         tried.append(f"environment {ENV_NAME}: not set")
-        problem = _name_problem(prefix.name)
+        problem = _name_problem(basename(prefix))
         if problem is None:
-            name, source = prefix.name, f"virtualenv {prefix}"
+            name, source = basename(prefix), f"virtualenv {prefix}"
         else:
-            tried.append(f"virtualenv (sys.prefix) '{prefix}': {prefix.name!r} is not a name "
-                         f"({problem})")
+            tried.append(f"virtualenv (sys.prefix) '{prefix}': {basename(prefix)!r} is not a "
+                         f"name ({problem})")
             for directory in module_dirs:
-                if _name_problem(directory.name) is None:
-                    name, source = directory.name, f"module path {directory}"
+                if _name_problem(basename(directory)) is None:
+                    name, source = basename(directory), f"module path {directory}"
                     break
             else:
                 tried.append(f"module path '{module_dirs[0]}': no directory above it is "
@@ -359,7 +362,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
         raise StagetoolsError("cannot tell the installation name; tried " + "; ".join(tried)
                               + f". Fix: set {ENV_NAME}=shop_dev, or run from a virtualenv "
                               "whose directory is named like the installation (/home/shop_dev)")
-    base_dir = next((d for d in [prefix] + module_dirs if d.name == name), prefix)
+    base_dir = next((d for d in [prefix] + module_dirs if basename(d) == name), prefix)
     user, group = _process_user_and_group()
     return _build_system(name, source, base_dir, user, group,
                          core_repo, core_app, framework, server)
@@ -373,7 +376,7 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
     if name is None:
         name, _ = _process_user_and_group()
         source = "login name"
-    return _build_system(name, source, base_dir or Path("/home") / name, name, name,
+    return _build_system(name, source, base_dir or f"/home/{name}", name, name,
                          core_repo, core_app, framework, server)
 
 
@@ -383,12 +386,13 @@ def read_secret_key(system):
     Every process that starts at once gets the same key: a finished key file is
     hard-linked into place, and a process that loses the race reads the winner's.
     """
-    path = system.secret_key_path
-    if not path.exists():
+    path = os.fspath(system.secret_key_path)
+    if not os.path.exists(path):
         _create_secret_file(path)
     try:
-        mode = path.stat().st_mode
-        key = path.read_text(encoding="ascii").strip()
+        mode = os.stat(path).st_mode
+        with open(path, encoding="ascii") as file:
+            key = file.read().strip()
     except (OSError, UnicodeDecodeError) as error:
         raise StagetoolsError(f"cannot read the secret key file '{path}': {error}; it must be "
                               f"readable by the installation's user {system.name!r}: "
@@ -403,14 +407,16 @@ def read_secret_key(system):
 
 
 def _create_secret_file(path):
+    import secrets
     # token_urlsafe never starts a key with '$' (django-environ#98) and has 64 symbols.
     key = secrets.token_urlsafe(64)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    directory, filename = os.path.split(path)
+    temporary = os.path.join(directory, f".{filename}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as error:
         raise StagetoolsError(f"cannot create the secret key file '{path}': {error}; the "
-                              f"directory '{path.parent}' must exist and be writable") from None
+                              f"directory '{directory}' must exist and be writable") from None
     try:
         with os.fdopen(descriptor, "w", encoding="ascii") as file:
             file.write(key + "\n")
@@ -460,9 +466,9 @@ def starlette_config(system, database="sqlite"):
 # ---------------------------------------------------------------- renderers
 
 
-_SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
-_TMPFILES_DIR = Path("/etc/tmpfiles.d")
-_NGINX_DIR = Path("/etc/nginx/sites-available")
+_SYSTEM_UNIT_DIR = "/etc/systemd/system"
+_TMPFILES_DIR = "/etc/tmpfiles.d"
+_NGINX_DIR = "/etc/nginx/sites-available"
 # The group of the web server: it alone, besides root, may connect to the sockets.
 _WEB_GROUP = "www-data"
 # Each line is explained in the README's table "Hardening of the system unit".
@@ -531,6 +537,7 @@ def _server_command(system, bind):
 
 
 def _render_units(system, user_unit):
+    import shlex
     socket_path = "%t/{0}/{0}.sock".format(system.name) if user_unit else system.socket_path
     socket_access = "SocketMode=0600\nDirectoryMode=0700" if user_unit else \
         f"SocketGroup={_WEB_GROUP}\nSocketMode=0660\nDirectoryMode=0755"
@@ -588,16 +595,16 @@ def _render_services(system):
     """The files of an installation outside its repo: absolute path -> text."""
     socket, service = _render_units(system, user_unit=False)
     user_socket, user_service = _render_units(system, user_unit=True)
-    user_dir = system.base_dir / ".config" / "systemd" / "user"
+    name = system.name
+    user_dir = os.path.join(system.base_dir, ".config", "systemd", "user")
     return {
-        str(_SYSTEM_UNIT_DIR / f"{system.name}.socket"): socket,
-        str(_SYSTEM_UNIT_DIR / f"{system.name}.service"): service,
+        f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
+        f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
         # The socket dir: the user may write there, nginx may pass, nobody else.
-        str(_TMPFILES_DIR / f"{system.name}.conf"):
-            f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n",
-        str(_NGINX_DIR / f"{system.name}.conf"): _render_nginx(system),
-        str(user_dir / f"{system.name}.socket"): user_socket,
-        str(user_dir / f"{system.name}.service"): user_service,
+        f"{_TMPFILES_DIR}/{name}.conf": f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n",
+        f"{_NGINX_DIR}/{name}.conf": _render_nginx(system),
+        os.path.join(user_dir, f"{name}.socket"): user_socket,
+        os.path.join(user_dir, f"{name}.service"): user_service,
     }
 
 
@@ -844,6 +851,7 @@ _DATABASE_REQUIREMENTS = {"sqlite": [], "postgresql": ["psycopg[binary]"]}
 
 def _render_starter(system, database):
     """The files of a new repo in the seed's layout: relative path -> text."""
+    import json
     import string
     django = system.framework == "django"
     modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
@@ -865,9 +873,10 @@ def _render_starter(system, database):
                  **_STARTERS[system.framework]}
     files = {string.Template(path).substitute(values): string.Template(text).substitute(values)
              for path, text in templates.items()}
-    here = Path(os.path.realpath(__file__)).parent
+    here = os.path.dirname(os.path.realpath(__file__))
     for module in modules:
-        files[module] = (here / module).read_text(encoding="utf-8")
+        with open(os.path.join(here, module), encoding="utf-8") as file:
+            files[module] = file.read()
     return files
 
 
@@ -888,6 +897,8 @@ print(json.dumps({"system": system.as_dict(),
 
 def _probe_actual_system(expected):
     """The actual system as the installation's Python, run as its user, resolves it."""
+    import json
+    import subprocess
     options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
                "core_app": expected.core_app, "framework": expected.framework,
                "server": expected.server,
@@ -914,7 +925,8 @@ def _probe_actual_system(expected):
 
 def _unit_difference(path, text):
     try:
-        actual = Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as file:
+            actual = file.read()
     except OSError as error:
         return error.strerror.lower()
     if actual == text:
@@ -978,7 +990,7 @@ def check_installation(expected):
     else:
         fact("secret_key_path", "a file", "missing")
     for path, text in expected.services.items():
-        if path.startswith(str(_SYSTEM_UNIT_DIR)) or path.startswith(str(_TMPFILES_DIR)):
+        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
             fact(f"unit {path}", "as rendered", _unit_difference(path, text) or "as rendered")
     probe, problem = _probe_actual_system(expected) if user_exists else (None, "no such user")
     fact("actual system", "resolved by the installation's Python", problem
@@ -990,8 +1002,8 @@ def check_installation(expected):
                 fact(f"actual {key}", wanted.get(key), value)
         for path, writable in probe["writable"].items():
             fact(f"{path}", "a directory writable by the user",
-                 "a directory writable by the user" if Path(path).is_dir() and writable
-                 else "missing" if not Path(path).exists() else "not writable by the user")
+                 "a directory writable by the user" if os.path.isdir(path) and writable
+                 else "missing" if not os.path.exists(path) else "not writable by the user")
     return checks, differences
 
 
@@ -1016,12 +1028,13 @@ def _add_system_options(parser):
     parser.add_argument("--json", action="store_true", help="one JSON object, for machines")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise StagetoolsError(f"{message} (see {self.prog} --help)")
-
-
 def _parser():
+    import argparse
+
+    class _ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # bad options: our one-line message and exit code 2
+            raise StagetoolsError(f"{message} (see {self.prog} --help)")
+
     parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
@@ -1047,6 +1060,7 @@ def _parser():
 
 
 def _cmd_show(args):
+    import json
     options = dict(core_repo=args.core_repo, core_app=args.core_app,
                    framework=args.framework, server=args.server)
     if args.expected:
@@ -1061,7 +1075,9 @@ def _cmd_show(args):
 
 
 def _run(command, what):
-    print("+ " + " ".join(shlex.quote(str(part)) for part in command), flush=True)
+    import shlex
+    import subprocess
+    print("+ " + shlex.join(str(part) for part in command), flush=True)
     try:
         returncode = subprocess.run(command).returncode
     except OSError as error:
@@ -1072,6 +1088,8 @@ def _run(command, what):
 
 
 def _cmd_new(args):
+    import shlex
+    from pathlib import Path
     directory = Path(args.directory).absolute()
     system = get_expected_system_from_name(directory.name, base_dir=directory,
                                            core_repo=args.core_repo, core_app=args.core_app,
@@ -1105,12 +1123,15 @@ def _cmd_new(args):
     print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
           "Serve it with one of:")
     for server in _SERVERS_OF[system.framework]:
-        serving = replace(system, server=server)
+        serving = get_expected_system_from_name(
+            system.name, base_dir=directory, core_repo=system.core_repo,
+            core_app=system.core_app, framework=system.framework, server=server)
         print("  " + shlex.join(_server_command(serving, "127.0.0.1:8000")))
     return 0
 
 
 def _cmd_check(args):
+    import json
     if not args.name:
         raise StagetoolsError("check needs the installation's name: stagetools check shop_prod")
     expected = get_expected_system_from_name(
