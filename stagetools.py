@@ -209,9 +209,11 @@ class System:
         return result
 
     def differences(self, other, ignore=("name_source",)):
-        """The fields where ``other`` differs: a list of (field, this value, other value)."""
-        return [(name, getattr(self, name), getattr(other, name)) for name in _FIELDS
-                if name not in ignore and self._values[name] != other._values[name]]
+        """The fields where ``other`` differs: a list of (field, this value, other value),
+        the values as in ``as_dict()`` (paths as strings) but the stage a ``Stage``."""
+        mine, theirs = self._values, other._values
+        return [(name, mine[name], theirs[name]) for name in _FIELDS
+                if name not in ignore and mine[name] != theirs[name]]
 
 
 _FIELDS = (
@@ -328,7 +330,6 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     ``name_source`` attribute says which one was used.
     """
     prefix = os.path.normpath(sys.prefix)
-    module_dirs = _module_dirs()
     basename = os.path.basename
     tried = []
     source = None
@@ -351,6 +352,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
         else:
             tried.append(f"virtualenv (sys.prefix) '{prefix}': {basename(prefix)!r} is not a "
                          f"name ({problem})")
+            module_dirs = _module_dirs()
             for directory in module_dirs:
                 if _name_problem(basename(directory)) is None:
                     name, source = basename(directory), f"module path {directory}"
@@ -362,7 +364,8 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
         raise StagetoolsError("cannot tell the installation name; tried " + "; ".join(tried)
                               + f". Fix: set {ENV_NAME}=shop_dev, or run from a virtualenv "
                               "whose directory is named like the installation (/home/shop_dev)")
-    base_dir = next((d for d in [prefix] + module_dirs if basename(d) == name), prefix)
+    base_dir = prefix if basename(prefix) == name else \
+        next((d for d in _module_dirs() if basename(d) == name), prefix)
     user, group = _process_user_and_group()
     return _build_system(name, source, base_dir, user, group,
                          core_repo, core_app, framework, server)
