@@ -394,7 +394,7 @@ def read_secret_key(system):
         _create_secret_file(path)
     try:
         mode = os.stat(path).st_mode
-        with open(path, encoding="ascii") as file:
+        with open(path, encoding="utf-8") as file:
             key = file.read().strip()
     except (OSError, UnicodeDecodeError) as error:
         raise StagetoolsError(f"cannot read the secret key file '{path}': {error}; it must be "
@@ -421,7 +421,7 @@ def _create_secret_file(path):
         raise StagetoolsError(f"cannot create the secret key file '{path}': {error}; the "
                               f"directory '{directory}' must exist and be writable") from None
     try:
-        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             file.write(key + "\n")
             file.flush()
             os.fsync(file.fileno())
