@@ -77,10 +77,11 @@ DJANGO_PROJECT = "stagetools_project"
 FRAMEWORKS = ("django", "flask", "starlette")
 SERVERS = ("gunicorn", "uvicorn", "hypercorn")
 # The servers each framework runs on, the default first: Flask is WSGI, Starlette ASGI.
-_SERVERS_OF = {"django": ("gunicorn", "uvicorn", "hypercorn"), "flask": ("gunicorn",),
+_SERVERS_OF = {"django": SERVERS, "flask": ("gunicorn",),
                "starlette": ("uvicorn", "hypercorn")}
 _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _EXAMPLE_NAME = "shop_prod"
+_USE_NAME_CHARACTERS = "use a-z, 0-9 and _ only"
 _SECRET_KEY_MIN_LENGTH = 50
 
 
@@ -91,7 +92,7 @@ class StagetoolsError(ValueError):
     """Every refusal of stagetools: the message names the input, the rule and the fix."""
 
 
-def _refuse_name(name, rule, fix="for example " + repr(_EXAMPLE_NAME)):
+def _refuse_name(name, rule, fix=f"for example {_EXAMPLE_NAME!r}"):
     raise StagetoolsError(f"invalid installation name {name!r}: {rule}; {fix}")
 
 
@@ -104,24 +105,24 @@ def parse_name(name):
         raise StagetoolsError(f"invalid installation name {name!r}: a name is a string, "
                               f"for example {_EXAMPLE_NAME!r}")
     if not name:
-        _refuse_name(name, "the name is empty", "give <configuration>_<stage_name>, "
-                     f"for example {_EXAMPLE_NAME!r}")
+        _refuse_name(name, "the name is empty",
+                     f"give <configuration>_<stage_name>, for example {_EXAMPLE_NAME!r}")
     if len(name) > NAME_MAX_LENGTH:
         _refuse_name(name, f"it has {len(name)} characters, more than the {NAME_MAX_LENGTH} "
                      "a Unix user name allows", "shorten the configuration or the stage name")
     if not name.isascii():
         _refuse_name(name, "it has non-ASCII characters; a name is also a Unix user and a "
-                     "PostgreSQL role", "use a-z, 0-9 and _ only")
+                     "PostgreSQL role", _USE_NAME_CHARACTERS)
     if any(char.isspace() for char in name):
-        _refuse_name(name, "it has whitespace", "use a-z, 0-9 and _ only")
+        _refuse_name(name, "it has whitespace", _USE_NAME_CHARACTERS)
     if any(char in "/\\.:" for char in name):
-        _refuse_name(name, "it has path characters (/ \\ . :)", "use a-z, 0-9 and _ only")
+        _refuse_name(name, "it has path characters (/ \\ . :)", _USE_NAME_CHARACTERS)
     if name.lower() != name:
         _refuse_name(name, "it has uppercase letters; Unix user names are lowercase",
                      f"use {name.lower()!r}")
     bad = sorted(set(name) - _NAME_CHARACTERS)
     if bad:
-        _refuse_name(name, f"it has the characters {''.join(bad)!r}", "use a-z, 0-9 and _ only")
+        _refuse_name(name, f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS)
     configuration, underscore, stage_name = name.rpartition("_")
     if not underscore:
         _refuse_name(name, "it has no underscore between configuration and stage name",
@@ -133,7 +134,7 @@ def parse_name(name):
         _refuse_name(name, "the configuration before the last underscore is empty",
                      f"for example {'shop_' + stage_name!r}")
     if not name[0].isalpha():
-        _refuse_name(name, "it must start with a letter", f"for example {_EXAMPLE_NAME!r}")
+        _refuse_name(name, "it must start with a letter")
     stage = _STAGE_BY_LETTER.get(stage_name[0])
     if stage is None:
         _refuse_name(name, f"the stage name {stage_name!r} does not start with a stage letter "
@@ -429,6 +430,9 @@ def _create_secret_file(path):
             os.link(temporary, path)
         except FileExistsError:
             pass  # another process made the key first; everybody uses that one
+        except OSError as error:
+            raise StagetoolsError(f"cannot create the secret key file '{path}': {error}; its "
+                                  "file system must support hard links") from None
     finally:
         os.unlink(temporary)
 
@@ -509,19 +513,11 @@ SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
 """
 # Valid in user units too: the rest needs namespaces a user manager may not have.
-_USER_HARDENING = """\
-UMask=0027
-NoNewPrivileges=yes
-LockPersonality=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-RestrictNamespaces=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-"""
+_USER_UNIT_DIRECTIVES = {"UMask", "NoNewPrivileges", "LockPersonality", "RestrictRealtime",
+                         "RestrictSUIDSGID", "RestrictNamespaces", "RestrictAddressFamilies",
+                         "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber"}
+_USER_HARDENING = "".join(line + "\n" for line in _HARDENING.splitlines()
+                          if line.partition("=")[0] in _USER_UNIT_DIRECTIVES)
 
 
 def _server_command(system, bind):
@@ -923,7 +919,10 @@ def _probe_actual_system(expected):
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
         return None, lines[-1]
-    return json.loads(result.stdout), None
+    try:
+        return json.loads(result.stdout), None
+    except ValueError:
+        return None, f"printed something else than the system: {result.stdout[:200]!r}"
 
 
 def _unit_difference(path, text):
@@ -958,10 +957,11 @@ def check_installation(expected):
             differences.append((what, want, have))
 
     def owner(path):
+        uid = path.stat().st_uid
         try:
-            return pwd.getpwuid(path.stat().st_uid).pw_name
+            return pwd.getpwuid(uid).pw_name
         except KeyError:
-            return str(path.stat().st_uid)
+            return str(uid)
 
     try:
         pwd.getpwnam(expected.user)
@@ -1118,10 +1118,16 @@ def _cmd_new(args):
             _run(manage + ["migrate", "--no-input"], "migrating the database")
         else:
             _run([system.python_path, "-m", system.core_app], "creating the tables")
-    except BaseException:
+    except BaseException:  # leave nothing half-written: the directory as it was
+        import shutil
         if created:
-            import shutil
             shutil.rmtree(directory, ignore_errors=True)
+        else:
+            for child in directory.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
         raise
     print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
           "Serve it with one of:")

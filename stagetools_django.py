@@ -15,7 +15,6 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
       gunicorn stagetools_django:wsgi_application
 """
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -151,7 +150,7 @@ def check_settings(app_configs=None, **kwargs):
     problems = []
     if settings.DEBUG and not system.is_debug:
         problems.append(Error(
-            f"DEBUG is on in the {system.stage.label.upper()} installation {system.name!r}",
+            f"DEBUG is on in the {system.stage.name} installation {system.name!r}",
             hint="remove DEBUG = True from your settings: DEBUG is for DEV and INT only",
             id="stagetools.E001"))
     if name != system.name:
@@ -171,12 +170,11 @@ def check_settings(app_configs=None, **kwargs):
     return problems
 
 
-def _build_application(builder):
+def _build_application(get_application):
     """Django's own application, after aaa_env_setup, refused if the settings are unsafe."""
-    _env_setup()
-    module_name, _, function_name = builder.rpartition(".")
-    application = getattr(importlib.import_module(module_name), function_name)()
     from django.core.exceptions import ImproperlyConfigured
+    _env_setup()
+    application = get_application()
     for problem in check_settings():
         if problem.is_serious():
             raise ImproperlyConfigured(f"{problem.msg}: {problem.hint} ({problem.id})")
@@ -192,7 +190,8 @@ class _LazyASGIApplication:
 
     def _get(self):
         if self._application is None:  # one event loop per process: no race
-            self._application = _build_application("django.core.asgi.get_asgi_application")
+            from django.core.asgi import get_asgi_application
+            self._application = _build_application(get_asgi_application)
         return self._application
 
     async def __call__(self, scope, receive, send):
@@ -221,7 +220,8 @@ def __getattr__(attribute):
     broken installation fails at start-up: WSGI has no lifespan to do it in."""
     if attribute != "wsgi_application":
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    application = _build_application("django.core.wsgi.get_wsgi_application")
+    from django.core.wsgi import get_wsgi_application
+    application = _build_application(get_wsgi_application)
     globals()[attribute] = application
     return application
 

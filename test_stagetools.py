@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -145,6 +146,19 @@ def other_workers_pages(where, path, cookie, first, rounds=20):
             if others:
                 return others
     raise AssertionError(f"{rounds} rounds of 8 requests all went to worker {first}")
+
+
+def run_to_failure(command, log, **kwargs):
+    """Run a server that must refuse to start; kill its whole group if it does not."""
+    with open(log, "w") as output:
+        process = subprocess.Popen([str(part) for part in command], stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        try:
+            process.wait(timeout=WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait(timeout=15)
+    return process.returncode, Path(log).read_text()
 
 
 def new_installation(directory, *args, user=None, env=None):
@@ -322,9 +336,13 @@ def test_any_string__a_system_or_our_error(name):
 
 
 def test_show_into_a_closed_pipe__no_traceback():
-    result = run(["bash", "-c", f"{sys.executable} {STAGETOOLS} show shop_prod --expected "
-                  "--json | head -c 10"], check=False)
-    assert result.returncode == 0 and result.stderr == ""
+    # The reader is gone before the child writes (as `show | head` once head has enough).
+    process = subprocess.Popen([sys.executable, STAGETOOLS, "show", "shop_prod", "--expected",
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=clean_env())
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and stderr == b""
 
 
 def test_json_and_table_of_show():
@@ -611,6 +629,12 @@ def test_new__refuses_a_bad_name_and_a_full_directory_and_cleans_up(tmp_path):
     result = cli("new", tmp_path / "shop_int", "--python", "/nonexistent/python3")
     assert result.returncode == 2 and "creating the virtualenv failed" in result.stderr
     assert not (tmp_path / "shop_int").exists()
+    empty = tmp_path / "shop_qual"  # made by the deploy tool, owned by the user: it stays
+    empty.mkdir()
+    result = cli("new", empty, "--python", sys.executable, env=clean_env(
+        PIP_INDEX_URL="http://127.0.0.1:9/", PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path)))
+    assert result.returncode == 2 and "installing the starter repo" in result.stderr
+    assert empty.is_dir() and list(empty.iterdir()) == []
 
 
 def test_missing_aaa_env_setup__says_what_to_create(tmp_path):
@@ -622,12 +646,10 @@ def test_missing_aaa_env_setup__says_what_to_create(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot import aaa_env_setup" in result.stderr
     assert "create aaa_env_setup.py" in result.stderr and "SYSTEM.django_settings" in result.stderr
-    port = free_port()
-    log = tmp_path / "uvicorn.log"
-    process = subprocess.run([sys.executable, "-m", "uvicorn", "--port", str(port),
-                              "stagetools_django:asgi_application"], cwd=tmp_path, env=env,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=60)
-    assert process.returncode != 0 and "create aaa_env_setup.py" in log.read_text()
+    returncode, output = run_to_failure([sys.executable, "-m", "uvicorn", "--port", free_port(),
+                                         "stagetools_django:asgi_application"],
+                                        tmp_path / "uvicorn.log", cwd=tmp_path, env=env)
+    assert returncode != 0 and "create aaa_env_setup.py" in output
     left = {p.name for p in tmp_path.iterdir()} - {"__pycache__", "uvicorn.log"}
     assert left == {"stagetools.py", "stagetools_django.py"}
 
@@ -696,17 +718,13 @@ def test_prod__debug_on_in_settings__refused(prod_installation, tmp_path):
         assert result.returncode == 1 and "stagetools.E001" in result.stderr
         assert "DEBUG is on in the PROD installation 'shop_prod'" in result.stderr
         port = free_port()
-        log = tmp_path / "uvicorn.log"
-        process = subprocess.run([prod_installation / "bin" / "uvicorn", "--port", str(port),
-                                  "stagetools_django:asgi_application"], cwd="/",
-                                 env=clean_env(), stdout=open(log, "w"),
-                                 stderr=subprocess.STDOUT, timeout=60)
-        assert process.returncode != 0 and "stagetools.E001" in log.read_text()
-        process = subprocess.run([prod_installation / "bin" / "gunicorn", "--bind",
-                                  f"127.0.0.1:{port}", "stagetools_django:wsgi_application"],
-                                 cwd="/", env=clean_env(), stdout=open(log, "w"),
-                                 stderr=subprocess.STDOUT, timeout=60)
-        assert process.returncode != 0 and "stagetools.E001" in log.read_text()
+        for command in ([prod_installation / "bin" / "uvicorn", "--port", port,
+                         "stagetools_django:asgi_application"],
+                        [prod_installation / "bin" / "gunicorn", "--bind", f"127.0.0.1:{port}",
+                         "stagetools_django:wsgi_application"]):
+            returncode, output = run_to_failure(command, tmp_path / "server.log", cwd="/",
+                                                env=clean_env())
+            assert returncode != 0 and "stagetools.E001" in output, command[0]
     finally:
         settings_py.write_text(original)
 
@@ -962,12 +980,17 @@ def test_units__verify_and_security_exposure(three_installations, tmp_path):
 
 
 @needs_deploy_tools
-def test_check__constructed_installation_holds(three_installations):
+def test_check__constructed_installation_holds(three_installations, shared_dir):
     for name in three_installations:
         before = listing(name)
         returncode, differences = check(name)
         assert (returncode, differences) == (0, {})
         assert listing(name) == before
+        # The expected system's name defaults to the login name of the process.
+        as_user = run(["runuser", "-u", name, "--", SYSTEM_PYTHON, shared_dir / "stagetools.py",
+                       "show", "--expected", "--json"], cwd="/")
+        assert json.loads(as_user.stdout)["name_source"] == "login name"
+        assert json.loads(as_user.stdout)["name"] == name
     table = cli("check", "shop_dev", "--server", "uvicorn")
     assert table.returncode == 0 and re.match(r"shop_dev: all \d+ checks hold", table.stdout)
 
@@ -1024,7 +1047,7 @@ def test_check__each_fault_by_name(three_installations):
 def socket_activated(expected, env, log, stack):
     """Start the server as systemd would: ExecStart of the unit, its user, the socket on fd 3."""
     service = expected["services"][f"/etc/systemd/system/{expected['name']}.service"]
-    exec_start = shlex_split(re.search(r"^ExecStart=(.*)$", service, re.M).group(1))
+    exec_start = shlex.split(re.search(r"^ExecStart=(.*)$", service, re.M).group(1))
     workdir = re.search(r"^WorkingDirectory=(.*)$", service, re.M).group(1)
     path = Path(expected["socket_path"])
     with contextlib.suppress(FileNotFoundError):
@@ -1042,11 +1065,6 @@ def socket_activated(expected, env, log, stack):
     return stack.enter_context(serving(
         command, str(path), log, cwd=workdir, env=env, pass_fds=[listener.fileno()],
         user=expected["user"], group=expected["group"], extra_groups=[]))
-
-
-def shlex_split(text):
-    import shlex
-    return shlex.split(text)
 
 
 @needs_deploy_tools
