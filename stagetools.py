@@ -159,8 +159,10 @@ class System:
     """An installation: everything that follows from its name. Immutable.
 
     Path attributes are ``pathlib.Path`` objects, made on first access so that
-    resolving a system costs no pathlib import. Holds no secret: the secret key
-    stays in the file at ``secret_key_path``.
+    resolving a system costs no pathlib import. ``user`` and ``group`` given as
+    None are this process's, looked up on first use: pwd and grp cost more than
+    the rest of resolving, and settings never need them. Holds no secret: the
+    secret key stays in the file at ``secret_key_path``.
     """
 
     def __init__(self, **values):
@@ -168,9 +170,15 @@ class System:
             raise TypeError(f"System needs exactly the fields {', '.join(_FIELDS)}")
         object.__setattr__(self, "_values", values)
 
+    def _complete(self):
+        values = self._values
+        if values["user"] is None:
+            values["user"], values["group"] = _process_user_and_group()
+        return values
+
     def __getattr__(self, name):
         try:
-            value = self._values[name]
+            value = (self._complete() if name in ("user", "group") else self._values)[name]
         except KeyError:
             raise AttributeError(f"System has no attribute {name!r}") from None
         if name in _PATH_FIELDS:
@@ -185,10 +193,11 @@ class System:
     __delattr__ = __setattr__
 
     def __eq__(self, other):
-        return isinstance(other, System) and self._values == other._values
+        return isinstance(other, System) and self._complete() == other._complete()
 
     def __hash__(self):
-        return hash(tuple(self._values[name] for name in _FIELDS))
+        values = self._complete()
+        return hash(tuple(values[name] for name in _FIELDS))
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(_FIELDS))
@@ -204,7 +213,8 @@ class System:
 
     def as_dict(self):
         """A JSON-ready dict: paths as strings, the stage as 'prod', 'qual', 'int' or 'dev'."""
-        result = {name: self._values[name] for name in _FIELDS}
+        values = self._complete()
+        result = {name: values[name] for name in _FIELDS}
         result["stage"] = self.stage.label
         result["services"] = self.services
         return result
@@ -212,7 +222,7 @@ class System:
     def differences(self, other, ignore=("name_source",)):
         """The fields where ``other`` differs: a list of (field, this value, other value),
         the values as in ``as_dict()`` (paths as strings) but the stage a ``Stage``."""
-        mine, theirs = self._values, other._values
+        mine, theirs = self._complete(), other._complete()
         return [(name, mine[name], theirs[name]) for name in _FIELDS
                 if name not in ignore and mine[name] != theirs[name]]
 
@@ -367,8 +377,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
                               "whose directory is named like the installation (/home/shop_dev)")
     base_dir = prefix if basename(prefix) == name else \
         next((d for d in _module_dirs() if basename(d) == name), prefix)
-    user, group = _process_user_and_group()
-    return _build_system(name, source, base_dir, user, group,
+    return _build_system(name, source, base_dir, None, None,
                          core_repo, core_app, framework, server)
 
 

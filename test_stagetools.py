@@ -7,6 +7,7 @@ a missing binary skip with the reason on a developer box; CI is root and has all
 
 import contextlib
 import glob
+import grp
 import http.client
 import json
 import os
@@ -399,6 +400,19 @@ def test_actual__from_the_argument():
     user = pwd.getpwuid(os.geteuid()).pw_name
     assert (system.name, system.name_source, system.user) == ("shop_dev", "argument", user)
     assert system.base_dir == Path(sys.prefix)
+
+
+def test_actual__user_and_group_looked_up_on_first_use():
+    # Settings read name and paths only; pwd and grp are the dearest part of resolving.
+    code = ("import sys, stagetools; s = stagetools.get_actual_system_from_name('shop_dev'); "
+            "s.base_dir, s.database_name, s.secret_key_path, s.stage; "
+            "looked_up = sorted({'pwd', 'grp'} & set(sys.modules)); "
+            "print(looked_up, s.user, s.group, s.as_dict()['user'], s == s, "
+            "s.differences(stagetools.get_actual_system_from_name('shop_dev')))")
+    result = run([sys.executable, "-I", "-S", "-c",
+                  f"import sys; sys.path.insert(0, {str(HERE)!r}); " + code])
+    user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
+    assert result.stdout.split() == ["[]", user, group, user, "True", "[]"]
 
 
 def test_actual__from_the_environment():

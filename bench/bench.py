@@ -1,9 +1,11 @@
 """The benchmarks of issue 7: what stagetools costs next to the alternatives.
 
 Run it through ``bash bench/run [--smoke]``, which makes the venv bench/.venv
-with the pinned requirements.txt. Every benchmark measures its baseline in the
-same run, interleaved with the candidate run by run (the order rotates each
-round), after one unmeasured warm-up round, and prints medians:
+with the pinned requirements.txt. Every candidate run is paired with a run of
+its baseline right next to it (the pair's order alternating), after one
+unmeasured warm-up pair. The table gives both medians, and the median of the
+per-pair ratios and differences with a 95% bootstrap interval: on a shared VM
+the speed drifts over seconds, and pairing takes the drift out.
 
 1. start-up: ``python -c CODE`` that imports a library and reads one setting,
    against ``python -c pass``; wall time and peak memory (VmHWM).
@@ -15,6 +17,10 @@ round), after one unmeasured warm-up round, and prints medians:
    loopback for a fixed time.
 4. scale: resolving and comparing N expected systems, time per system.
 
+Where valgrind is installed, 1 to 3 are also counted in instructions
+(callgrind): the same count for the same work whatever else the machine does,
+so a difference of a few percent that wall time cannot resolve shows there.
+
 The fixture projects are written into a temporary directory, with copies of
 the repo's stagetools.py and stagetools_django.py, and removed at the end.
 Exits non-zero if anything breaks; a missed goal is shown in the table only.
@@ -24,6 +30,7 @@ import argparse
 import asyncio
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -135,7 +142,7 @@ def make_fixtures(tmp):
     write_files(project, {**STAGETOOLS_PROJECT, **APP})
     plain = tmp / "plain"
     write_files(plain, {**PLAIN_PROJECT, **APP})
-    _, _, settings = run([PYTHON, "-c", WRITE_PLAIN_SETTINGS], project)
+    settings = run([PYTHON, "-c", WRITE_PLAIN_SETTINGS], project)[2]
     (plain / "plain_project" / "settings.py").write_text(settings, encoding="utf-8")
     return project, plain
 
@@ -147,18 +154,19 @@ class BenchError(Exception):
     pass
 
 
-def child_env():
+def child_env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PYTHON") and k != "DJANGO_SETTINGS_MODULE"}
     env["STAGETOOLS_NAME"] = NAME
+    env.update(extra)
     return env
 
 
-def run(argv, cwd):
-    """Run a child to its end: (wall seconds, CPU seconds, stdout), or BenchError."""
+def run(argv, cwd, env=None):
+    """Run a child to its end: (wall seconds, CPU seconds, stdout, stderr), or BenchError."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        child = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdout=out, stderr=err)
+        child = subprocess.Popen(argv, cwd=cwd, env=env or child_env(), stdout=out, stderr=err)
         timer = threading.Timer(TIMEOUT, child.kill)
         timer.start()
         try:  # os.wait4, not wait(): the child's own CPU time (user + system)
@@ -169,107 +177,155 @@ def run(argv, cwd):
         child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
         if child.returncode != 0:
             raise BenchError(f"{' '.join(map(str, argv))} (in {cwd}) exited "
-                             f"{child.returncode}:\n{err.read().decode()[-3000:]}")
-        return wall, usage.ru_utime + usage.ru_stime, out.read().decode()
+                             f"{child.returncode}:\n{stderr[-3000:]}")
+        return wall, usage.ru_utime + usage.ru_stime, stdout, stderr
 
 
-def interleave(variants, runs, measure):
-    """measure(variant) for every variant, runs rounds after a warm-up round,
-    the order rotated each round: {variant: [value per round]}."""
-    results = {variant: [] for variant in variants}
+def paired(baseline, candidates, runs, measure):
+    """measure(variant) for each candidate and, right next to it, for the baseline, the
+    pair's order alternating, runs rounds after a warm-up round:
+    {candidate: [(baseline value, candidate value) per round]}."""
+    pairs = {candidate: [] for candidate in candidates}
     for round_ in range(-1, runs):
-        shift = max(round_, 0) % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            value = measure(variant)
+        for candidate in candidates:
+            order = (baseline, candidate) if round_ % 2 else (candidate, baseline)
+            values = {variant: measure(variant) for variant in order}
             if round_ >= 0:
-                results[variant].append(value)
-    return results
-
-
-def row(bench, measure, baseline, base, candidate, cand, unit, goal="", met=None):
-    return dict(bench=bench, measure=measure, baseline=baseline, base=base,
-                candidate=candidate, cand=cand, unit=unit, goal=goal, met=met)
+                pairs[candidate].append((values[baseline], values[candidate]))
+    return pairs
 
 
 def median(values):
     return statistics.median(values)
 
 
+def paired_statistic(pairs, statistic, resamples=2000):
+    """The median of statistic(baseline, candidate) over the pairs, and its 95% bootstrap
+    interval (a fixed seed: the same pairs give the same interval)."""
+    values = [statistic(base, cand) for base, cand in pairs]
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return median(values), (medians[int(0.025 * resamples)], medians[int(0.975 * resamples)])
+
+
+GOALS = {  # text: (paired statistic it is about, test)
+    "≤ +2 ms": ("delta", lambda value: value <= 2),
+    "≤ +1 MiB": ("delta", lambda value: value <= 1),
+    "ratio ≤ 1.02": ("ratio", lambda value: value <= 1.02),
+    "ratio ≥ 0.98": ("ratio", lambda value: value >= 0.98),
+    "flat: ratio ≤ 1.25": ("ratio", lambda value: value <= 1.25),
+}
+
+
+def row(bench, measure, baseline, candidate, pairs, unit, goal=""):
+    """A table row from paired values. A goal is met ("yes") if its whole interval meets it,
+    "within noise" if the interval straddles the limit, "**no**" if no part meets it."""
+    ratio = paired_statistic(pairs, lambda base, cand: cand / base)
+    delta = paired_statistic(pairs, lambda base, cand: cand - base)
+    met = ""
+    if goal:
+        kind, test = GOALS[goal]
+        value, (low, high) = ratio if kind == "ratio" else delta
+        results = {test(value), test(low), test(high)}
+        met = "yes" if results == {True} else "**no**" if results == {False} else "within noise"
+    return dict(bench=bench, measure=measure, baseline=baseline, candidate=candidate,
+                base=median(base for base, _ in pairs), cand=median(c for _, c in pairs),
+                ratio=ratio, delta=delta, unit=unit, goal=goal, met=met, pairs=len(pairs))
+
+
+def instructions(argv, cwd, seed):
+    """Instructions a child runs, counted by valgrind's callgrind: repeatable where time is
+    not. The hash seed is fixed, as it changes the count by about 0.2%."""
+    _, _, _, stderr = run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+                          + argv, cwd, child_env(PYTHONHASHSEED=str(seed)))
+    match = re.search(r"Collected : (\d+)", stderr)
+    if not match:
+        raise BenchError(f"no instruction count from valgrind:\n{stderr[-3000:]}")
+    return int(match.group(1)) / 1e6  # millions
+
+
+def instruction_row(bench, measure, baseline, candidate, counts, goal=""):
+    """counts: {variant: [millions of instructions per seed]}; seeds pair the runs."""
+    return row(bench, f"{measure}, instructions", baseline, candidate,
+               list(zip(counts[baseline], counts[candidate])), "M", goal)
+
+
 # ---------------------------------------------------------------- 1 start-up
 
 
-def bench_startup(cwd, runs):
+def bench_startup(cwd, runs, seeds):
     def measure(variant):
-        wall, cpu, output = run([PYTHON, "-c", STARTUP[variant] + PROBE], cwd)
+        wall, cpu, output, _ = run([PYTHON, "-c", STARTUP[variant] + PROBE], cwd)
         return wall * 1000, cpu * 1000, int(output.split()[-1]) / 1024  # ms, ms, MiB
 
-    results = interleave(list(STARTUP), runs, measure)
-    bare = [median([values[i] for values in results["bare python"]]) for i in range(3)]
+    bare, libraries = "bare python", [variant for variant in STARTUP if variant != "bare python"]
+    pairs = paired(bare, libraries, runs, measure)
     rows = []
-    for variant, values in results.items():
-        if variant == "bare python":
-            continue
-        wall, cpu, mib = [median([value[i] for value in values]) for i in range(3)]
+    for variant in libraries:
         goals = variant == "stagetools"
-        rows.append(row("1 start-up", "wall", "bare python", bare[0], variant, wall, "ms",
-                        "≤ +2 ms" if goals else "", wall - bare[0] <= 2 if goals else None))
+        column = {measure: [(base[i], cand[i]) for base, cand in pairs[variant]]
+                  for i, measure in enumerate(("wall", "CPU", "memory"))}
+        rows.append(row("1 start-up", "wall", bare, variant, column["wall"], "ms",
+                        "≤ +2 ms" if goals else ""))
         if goals:  # CPU time: less disturbed by whatever else the machine runs
-            rows.append(row("1 start-up", "CPU (user+sys)", "bare python", bare[1], variant,
-                            cpu, "ms"))
-        rows.append(row("1 start-up", "peak memory", "bare python", bare[2], variant, mib,
-                        "MiB", "≤ +1 MiB" if goals else "",
-                        mib - bare[2] <= 1 if goals else None))
+            rows.append(row("1 start-up", "CPU (user+sys)", bare, variant, column["CPU"], "ms"))
+        rows.append(row("1 start-up", "peak memory", bare, variant, column["memory"], "MiB",
+                        "≤ +1 MiB" if goals else ""))
+    if seeds:
+        counted = libraries if len(seeds) > 1 else ["stagetools"]  # smoke: the cheap one
+        counts = {variant: [instructions([PYTHON, "-c", STARTUP[variant]], cwd, seed)
+                            for seed in seeds] for variant in [bare] + counted}
+        rows += [instruction_row("1 start-up", "python -c", bare, variant, counts)
+                 for variant in counted]
     return rows
 
 
-def importtime_profile(cwd, repeats=5):
-    """stagetools' own imports by cumulative time, medians of python -X importtime."""
-    samples = {}
-    for _ in range(repeats):
-        argv = [PYTHON, "-X", "importtime", "-c", STARTUP["stagetools"]]
-        result = subprocess.run(argv, cwd=cwd, env=child_env(), capture_output=True,
-                                text=True, timeout=TIMEOUT)
-        children = []
-        for line in result.stderr.splitlines():
-            match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)", line)
-            if not match:
-                continue
-            self_us, cumulative, indent, module = match.groups()
-            if indent == "":
-                if module == "stagetools":
-                    children.append(("stagetools (module body)", int(self_us)))
-                    children.append(("stagetools (total)", int(cumulative)))
-                    break
-                children = []
-            elif indent == "  ":
-                children.append((module, int(cumulative)))
-        for module, microseconds in children:
-            samples.setdefault(module, []).append(microseconds)
-    return sorted(((median(v) / 1000, k) for k, v in samples.items()), reverse=True)
+SPLIT = """\
+import time
+start = time.perf_counter()
+import stagetools
+imported = time.perf_counter()
+system = stagetools.get_actual_system_from_name()
+resolved = time.perf_counter()
+system.user
+print((imported - start) * 1000, (resolved - imported) * 1000, (time.perf_counter() - resolved) * 1000)
+"""
+
+
+def startup_split(cwd, repeats=30):
+    """Where stagetools' start-up goes, timed inside fresh processes: medians in ms."""
+    samples = [run([PYTHON, "-c", SPLIT], cwd)[2].split() for _ in range(repeats)]
+    return [(part, median(float(sample[i]) for sample in samples)) for i, part in
+            enumerate(("import stagetools", "get_actual_system_from_name()",
+                       "first .user (pwd and grp, only when asked for)"))]
 
 
 # ---------------------------------------------------------------- 2 Django check
 
 
-def bench_check(project, plain, runs):
+def bench_check(project, plain, runs, seeds):
     dirs = {"plain Django": plain, "stagetools": project}
 
     def measure(variant):
-        wall, cpu, output = run([PYTHON, "manage.py", "check"], dirs[variant])
+        wall, cpu, output, _ = run([PYTHON, "manage.py", "check"], dirs[variant])
         if "no issues" not in output:
             raise BenchError(f"manage.py check of {variant}: {output}")
         return wall * 1000, cpu * 1000
 
-    results = interleave(list(dirs), runs, measure)
-    (base, base_cpu), (cand, cand_cpu) = [
-        [median([value[i] for value in results[variant]]) for i in range(2)]
-        for variant in dirs]
-    return [row("2 Django start-up", "manage.py check, wall", "plain Django", base,
-                "stagetools", cand, "ms", "ratio ≤ 1.02", cand / base <= 1.02),
-            row("2 Django start-up", "manage.py check, CPU", "plain Django", base_cpu,
-                "stagetools", cand_cpu, "ms")]
+    pairs = paired("plain Django", ["stagetools"], runs, measure)["stagetools"]
+    rows = [row("2 Django start-up", "manage.py check, wall", "plain Django", "stagetools",
+                [(base[0], cand[0]) for base, cand in pairs], "ms", "ratio ≤ 1.02"),
+            row("2 Django start-up", "manage.py check, CPU", "plain Django", "stagetools",
+                [(base[1], cand[1]) for base, cand in pairs], "ms")]
+    if seeds:
+        counts = {variant: [instructions([PYTHON, "manage.py", "check"], path, seed)
+                            for seed in seeds] for variant, path in dirs.items()}
+        rows.append(instruction_row("2 Django start-up", "manage.py check", "plain Django",
+                                    "stagetools", counts, "ratio ≤ 1.02"))
+    return rows
 
 
 # ---------------------------------------------------------------- 3 serving
@@ -341,7 +397,46 @@ async def load(port, seconds, connections=8, path="/ping/"):
     return sum(counts) / (loop.time() - start)
 
 
-def bench_serving(project, runs, seconds):
+# One process calls an ASGI application directly: lifespan start-up, then `requests`
+# GET /ping/ one after the other. Counted twice with different numbers of requests,
+# the difference is the instructions of the extra requests: start-up cancels out.
+REQUESTS = """\
+import asyncio, importlib, sys
+module, _, attribute = sys.argv[1].partition(":")
+application = getattr(importlib.import_module(module), attribute)
+SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+         "scheme": "http", "path": "/ping/", "raw_path": b"/ping/", "query_string": b"",
+         "root_path": "", "headers": [(b"host", b"127.0.0.1")],
+         "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+
+async def call(scope, first_message, sent):
+    inbox = [first_message]
+    async def receive():
+        return inbox.pop() if inbox else await asyncio.get_running_loop().create_future()
+    async def send(message):
+        sent.append(message)
+    await application(scope, receive, send)
+
+async def main():
+    # Lifespan runs as long as the server; Django's own handler refuses it at once.
+    started = []
+    lifespan = asyncio.create_task(call({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                        {"type": "lifespan.startup"}, started))
+    while not started and not lifespan.done():
+        await asyncio.sleep(0)
+    if lifespan.done():
+        assert isinstance(lifespan.exception(), ValueError), lifespan
+    assert started in ([], [{"type": "lifespan.startup.complete"}]), started
+    for _ in range(int(sys.argv[2])):
+        sent = []
+        await call(SCOPE, {"type": "http.request", "body": b"", "more_body": False}, sent)
+        assert sent[0]["status"] == 200, sent
+
+asyncio.run(main())
+"""
+
+
+def bench_serving(project, runs, seconds, seeds, requests):
     """A fresh server for every run, so no one process's luck decides the ratio."""
     apps = {"get_asgi_application": "plain_asgi:application",
             "stagetools": "stagetools_django:asgi_application"}
@@ -354,11 +449,23 @@ def bench_serving(project, runs, seconds):
         finally:
             stop_server(server)
 
-    results = interleave(list(apps), runs, measure)
-    base, cand = median(results["get_asgi_application"]), median(results["stagetools"])
-    return [row("3 serving", f"uvicorn, 8 connections, {seconds:g} s", "get_asgi_application",
-                base, "stagetools_django:asgi_application", cand, "req/s", "ratio ≥ 0.98",
-                cand / base >= 0.98)]
+    pairs = paired("get_asgi_application", ["stagetools"], runs, measure)["stagetools"]
+    rows = [row("3 serving", f"uvicorn, 8 connections, {seconds:g} s", "get_asgi_application",
+                "stagetools_django:asgi_application", pairs, "req/s", "ratio ≥ 0.98")]
+    if seeds:
+        def per_request(app, seed):
+            few, many = (instructions([PYTHON, "-c", REQUESTS, app, str(count)], project, seed)
+                         for count in requests)
+            return (many - few) / (requests[1] - requests[0]) * 1000  # thousands
+
+        counts = {variant: [per_request(app, seed) for seed in seeds[:1]]
+                  for variant, app in apps.items()}
+        # fewer instructions per request is faster: the ratio of baseline to candidate
+        rows.append(row("3 serving", "one request in-process, instructions",
+                        "get_asgi_application", "stagetools_django:asgi_application",
+                        list(zip(counts["get_asgi_application"], counts["stagetools"])),
+                        "k", "ratio ≤ 1.02"))
+    return rows
 
 
 # ---------------------------------------------------------------- 4 scale
@@ -381,11 +488,16 @@ def bench_scale(project, runs, sizes):
             raise BenchError("differences() found no difference between base dirs")
         return seconds / size * 1e6  # µs per system
 
-    results = interleave(list(sizes), runs, measure)
-    base = median(results[sizes[0]])
-    return [row("4 scale", "resolve 2 + compare, per system", f"N={sizes[0]:,}", base,
-                f"N={size:,}", median(results[size]), "µs", "flat: ratio ≤ 1.25",
-                median(results[size]) / base <= 1.25)
+    results = {size: [] for size in sizes}
+    for round_ in range(-1, runs):  # all sizes in each round, the order rotating
+        shift = max(round_, 0) % len(sizes)
+        for size in sizes[shift:] + sizes[:shift]:
+            value = measure(size)
+            if round_ >= 0:
+                results[size].append(value)
+    return [row("4 scale", "resolve 2 + compare, per system", f"N={sizes[0]:,}",
+                f"N={size:,}", list(zip(results[sizes[0]], results[size])), "µs",
+                "flat: ratio ≤ 1.25")
             for size in sizes[1:]]
 
 
@@ -398,18 +510,27 @@ def number(value):
 
 
 def table(rows):
+    """Markdown: medians, then the paired ratio and difference with their 95% interval
+    (left out for counted instructions, which hardly vary)."""
     lines = ["| benchmark | measure | baseline | baseline median | candidate | "
              "candidate median | ratio | delta | goal | met |",
              "|---|---|---|---:|---|---:|---:|---:|---|---|"]
     for r in rows:
-        delta = r["cand"] - r["base"]
-        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        (ratio, (ratio_low, ratio_high)), (delta, (delta_low, delta_high)) = r["ratio"], r["delta"]
+        unit = r["unit"]
+        ratio_text, delta_text = f"{ratio:.3f}", f"{signed(delta)} {unit}"
+        if r["pairs"] >= 10:
+            ratio_text += f" ({ratio_low:.3f}–{ratio_high:.3f})"
+            delta_text += f" ({signed(delta_low)} to {signed(delta_high)})"
         lines.append(f"| {r['bench']} | {r['measure']} | {r['baseline']} | "
-                     f"{number(r['base'])} {r['unit']} | {r['candidate']} | "
-                     f"{number(r['cand'])} {r['unit']} | {r['cand'] / r['base']:.3f} | "
-                     f"{'+' if delta >= 0 else '−'}{number(abs(delta))} {r['unit']} | "
-                     f"{r['goal']} | {met} |")
+                     f"{number(r['base'])} {unit} | {r['candidate']} | "
+                     f"{number(r['cand'])} {unit} | {ratio_text} | {delta_text} | "
+                     f"{r['goal']} | {r['met']} |")
     return "\n".join(lines)
+
+
+def signed(value):
+    return f"{'+' if value >= 0 else '−'}{number(abs(value))}"
 
 
 def machine():
@@ -426,27 +547,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="a few iterations of everything: does it still work?")
-    parser.add_argument("--runs", type=int, help="measured rounds (default 20; smoke 3)")
+    parser.add_argument("--runs", type=int, help="measured pairs (default 20; smoke 3)")
     parser.add_argument("--seconds", type=float,
                         help="length of one serving run (default 3; smoke 0.5)")
+    parser.add_argument("--seeds", type=int,
+                        help="instruction counts per variant, each with its own hash seed "
+                             "(default 3; smoke 1; 0: none)")
     parser.add_argument("--only", type=int, choices=(1, 2, 3, 4), action="append",
                         help="run only this benchmark (repeatable)")
     args = parser.parse_args(argv)
     runs = args.runs or (3 if args.smoke else 20)
     seconds = args.seconds or (0.5 if args.smoke else 3)
+    seeds = tuple(range(args.seeds if args.seeds is not None else 1 if args.smoke else 3))
+    requests = (2, 6) if args.smoke else (50, 250)
     only = set(args.only or (1, 2, 3, 4))
     sizes = (10, 100, 1000) if args.smoke else (10, 100, 1000, 10000)
     started = time.monotonic()
-    print(f"# stagetools benchmarks: {runs} interleaved runs each"
+    print(f"# stagetools benchmarks: {runs} pairs of runs each"
           f"{' (smoke: numbers mean nothing)' if args.smoke else ''}", flush=True)
-    print(f"machine: {machine()}\n", flush=True)
+    print(f"machine: {machine()}", flush=True)
+    if seeds and not shutil.which("valgrind"):
+        print("no instruction counts: valgrind is not installed (apt-get install valgrind)")
+        seeds = ()
+    print(flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="stagetools-bench-"))
     rows = []
     try:
         project, plain = make_fixtures(tmp)
-        steps = {1: lambda: bench_startup(project, runs),
-                 2: lambda: bench_check(project, plain, runs),
-                 3: lambda: bench_serving(project, runs, seconds),
+        steps = {1: lambda: bench_startup(project, runs, seeds),
+                 2: lambda: bench_check(project, plain, runs, seeds),
+                 3: lambda: bench_serving(project, runs, seconds, seeds, requests),
                  4: lambda: bench_scale(project, runs, sizes)}
         for number_ in sorted(only):
             step_start = time.monotonic()
@@ -455,10 +585,10 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
         print(table(rows))
         if 1 in only:
-            print("\nWhere stagetools' start-up goes (python -X importtime, median of 5; "
-                  "each of its own imports with what that import pulls in first):\n")
-            for milliseconds, module in importtime_profile(project):
-                print(f"    {milliseconds:7.1f} ms  {module}")
+            print("\nWhere stagetools' start-up goes, timed inside fresh processes "
+                  "(medians of 30):\n")
+            for part, milliseconds in startup_split(project):
+                print(f"    {milliseconds:6.2f} ms  {part}")
     except (BenchError, subprocess.SubprocessError, OSError) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 1
