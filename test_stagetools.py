@@ -9,6 +9,7 @@ import contextlib
 import glob
 import grp
 import http.client
+import importlib.metadata
 import json
 import os
 import pwd
@@ -627,8 +628,12 @@ def test_dev_installation__layout_of_the_seed(dev_installation):
         assert (repo / relative).exists(), relative
     assert (directory / "shop.sqlite").stat().st_size > 0
     assert stat.S_IMODE((directory / "secret_key").stat().st_mode) == 0o600
-    script = "import aaa_script_setup; from django.conf import settings; print(settings.DEBUG)"
-    assert run([directory / "bin" / "python", "-c", script], cwd="/").stdout.strip() == "True"
+    script = ("import aaa_script_setup, django; from django.conf import settings; "
+              "print(settings.DEBUG, django.get_version())")
+    debug, version = run([directory / "bin" / "python", "-c", script], cwd="/").stdout.split()
+    assert debug == "True"
+    # The same Django as these tests: .ci/run's Django 4.2 step pins both to 4.2.
+    assert version.split(".")[:2] == importlib.metadata.version("Django").split(".")[:2]
 
 
 def test_new__refuses_a_bad_name_and_a_full_directory_and_cleans_up(tmp_path):
