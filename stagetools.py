@@ -29,7 +29,7 @@ import sys
 
 __version__ = "1.0.0"
 __all__ = sorted([
-    "DEBUG_STAGES", "ENV_NAME", "FRAMEWORKS", "NAME_MAX_LENGTH", "SERVERS",
+    "DATABASES", "DEBUG_STAGES", "ENV_NAME", "FRAMEWORKS", "NAME_MAX_LENGTH", "SERVERS",
     "STAGES", "STAGE_DEV", "STAGE_INT", "STAGE_PROD", "STAGE_QUAL",
     "Stage", "StagetoolsError", "System",
     "get_actual_system_from_name", "get_expected_system_from_name",
@@ -76,6 +76,7 @@ ENV_NAME = "STAGETOOLS_NAME"
 DJANGO_PROJECT = "stagetools_project"
 FRAMEWORKS = ("django", "flask", "starlette")
 SERVERS = ("gunicorn", "uvicorn", "hypercorn")
+DATABASES = ("sqlite", "postgresql")
 # The servers each framework runs on, the default first: Flask is WSGI, Starlette ASGI.
 _SERVERS_OF = {"django": SERVERS, "flask": ("gunicorn",),
                "starlette": ("uvicorn", "hypercorn")}
@@ -83,6 +84,7 @@ _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 _EXAMPLE_NAME = "shop_prod"
 _USE_NAME_CHARACTERS = "use a-z, 0-9 and _ only"
 _SECRET_KEY_MIN_LENGTH = 50
+_STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
 
 
 # ---------------------------------------------------------------- errors
@@ -93,7 +95,9 @@ class StagetoolsError(ValueError):
 
 
 def _refuse_name(name, rule, fix=f"for example {_EXAMPLE_NAME!r}"):
-    raise StagetoolsError(f"invalid installation name {name!r}: {rule}; {fix}")
+    error = StagetoolsError(f"invalid installation name {name!r}: {rule}; {fix}")
+    error.rule = rule  # for listing what each name source held
+    raise error
 
 
 # ---------------------------------------------------------------- the system
@@ -102,8 +106,7 @@ def _refuse_name(name, rule, fix=f"for example {_EXAMPLE_NAME!r}"):
 def parse_name(name):
     """Split an installation name into (configuration, stage_name, stage), or refuse it."""
     if not isinstance(name, str):
-        raise StagetoolsError(f"invalid installation name {name!r}: a name is a string, "
-                              f"for example {_EXAMPLE_NAME!r}")
+        _refuse_name(name, "a name is a string")
     if not name:
         _refuse_name(name, "the name is empty",
                      f"give <configuration>_<stage_name>, for example {_EXAMPLE_NAME!r}")
@@ -177,6 +180,8 @@ class System:
         return values
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # copy and pickle look for hooks before _values exists
+            raise AttributeError(name)
         try:
             value = (self._complete() if name in ("user", "group") else self._values)[name]
         except KeyError:
@@ -303,23 +308,26 @@ def _process_user_and_group():
     except ImportError:
         import getpass
         return getpass.getuser(), ""
-    uid, gid = os.geteuid(), os.getegid()
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:  # containers run uids that /etc/passwd does not know
-        user = str(uid)
+    gid = os.getegid()
     try:
         group = grp.getgrgid(gid).gr_name
     except KeyError:
         group = str(gid)
-    return user, group
+    return _user_name(pwd, os.geteuid()), group
+
+
+def _user_name(pwd, uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # containers run uids that /etc/passwd does not know
+        return str(uid)
 
 
 def _name_problem(candidate):
     try:
         parse_name(candidate)
     except StagetoolsError as error:
-        return str(error).split(": ", 1)[1].split(";")[0]
+        return error.rule
     return None
 
 
@@ -389,6 +397,11 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
     if name is None:
         name, _ = _process_user_and_group()
         source = "login name"
+        try:
+            parse_name(name)
+        except StagetoolsError as error:
+            raise StagetoolsError(f"login name of this process: {error}; or give the "
+                                  "installation name") from None
     return _build_system(name, source, base_dir or f"/home/{name}", name, name,
                          core_repo, core_app, framework, server)
 
@@ -448,13 +461,17 @@ def _create_secret_file(path):
 
 def database_url(system, database="sqlite"):
     """The database URL of the installation, for apps that take one (Flask, Starlette)."""
-    if database == "sqlite":
+    if _check_choice("database", database, DATABASES) == "sqlite":
         return f"sqlite:///{system.database_sqlite_path}"
-    if database == "postgresql":
-        # Peer authentication over the local socket: a user, no password, no TCP host.
-        socket_dir = os.environ.get("PGHOST") or system.database_socket_dir
-        return f"postgresql://{system.database_user}@/{system.database_name}?host={socket_dir}"
-    raise StagetoolsError(f"invalid database {database!r}: choose 'sqlite' or 'postgresql'")
+    # Peer authentication over the local socket: a user, no password, no TCP host.
+    return (f"postgresql://{system.database_user}@/{system.database_name}"
+            f"?host={_database_host(system)}")
+
+
+def _database_host(system):
+    """PostgreSQL's socket directory: libpq's compiled-in default differs between builds,
+    so name it, unless libpq's own PGHOST says otherwise."""
+    return os.environ.get("PGHOST") or str(system.database_socket_dir)
 
 
 def flask_config(system, database="sqlite"):
@@ -854,7 +871,7 @@ _STARTERS = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
 _REQUIREMENTS = {"django": ["Django>=4.2", "gunicorn", "uvicorn", "hypercorn"],
                  "flask": ["Flask", "gunicorn"],
                  "starlette": ["starlette", "itsdangerous", "uvicorn", "hypercorn"]}
-_DATABASE_REQUIREMENTS = {"sqlite": [], "postgresql": ["psycopg[binary]"]}
+_DATABASE_REQUIREMENTS = dict(zip(DATABASES, ([], ["psycopg[binary]"])))
 
 
 def _render_starter(system, database):
@@ -966,11 +983,7 @@ def check_installation(expected):
             differences.append((what, want, have))
 
     def owner(path):
-        uid = path.stat().st_uid
-        try:
-            return pwd.getpwuid(uid).pw_name
-        except KeyError:
-            return str(uid)
+        return _user_name(pwd, path.stat().st_uid)
 
     try:
         pwd.getpwnam(expected.user)
@@ -980,9 +993,10 @@ def check_installation(expected):
     fact("user", expected.user, expected.user if user_exists else "missing")
     try:
         grp.getgrnam(expected.group)
-        fact("group", expected.group, expected.group)
+        group_exists = True
     except KeyError:
-        fact("group", expected.group, "missing")
+        group_exists = False
+    fact("group", expected.group, expected.group if group_exists else "missing")
     base = expected.base_dir
     if base.is_dir():
         fact("base_dir owner", expected.user, owner(base))
@@ -997,14 +1011,17 @@ def check_installation(expected):
          "a directory" if expected.core_repo_dir.is_dir() else "missing")
     secret = expected.secret_key_path
     if secret.is_file():
-        fact("secret_key_path mode", "600", f"{secret.stat().st_mode & 0o777:o}")
+        mode = secret.stat().st_mode & 0o777
+        fact("secret_key_path mode", "no access for group and others",
+             f"{mode:o}" if mode & 0o077 else "no access for group and others")
         fact("secret_key_path owner", expected.user, owner(secret))
     else:
         fact("secret_key_path", "a file", "missing")
     for path, text in expected.services.items():
         if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
             fact(f"unit {path}", "as rendered", _unit_difference(path, text) or "as rendered")
-    probe, problem = _probe_actual_system(expected) if user_exists else (None, "no such user")
+    probe, problem = (_probe_actual_system(expected) if user_exists and group_exists
+                      else (None, "its user or group is missing"))
     fact("actual system", "resolved by the installation's Python", problem
          or "resolved by the installation's Python")
     if probe is not None:
@@ -1058,7 +1075,7 @@ def _parser():
                               "like the installation, a starter repo, its database")
     new.add_argument("directory", help="the new installation's dir, named like it: /tmp/shop_dev")
     new.add_argument("--framework", choices=FRAMEWORKS, default="django")
-    new.add_argument("--database", choices=tuple(_DATABASE_REQUIREMENTS), default="sqlite")
+    new.add_argument("--database", choices=DATABASES, default="sqlite")
     new.add_argument("--core-repo", help="repo below src/ (default: the configuration)")
     new.add_argument("--core-app", help="main Python package (default: the core repo)")
     new.add_argument("--python", default=sys.executable,
@@ -1091,7 +1108,11 @@ def _run(command, what):
     import subprocess
     print("+ " + shlex.join(str(part) for part in command), flush=True)
     try:
-        returncode = subprocess.run(command).returncode
+        returncode = subprocess.run(command, timeout=_STEP_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        raise StagetoolsError(f"{what} did not finish within {_STEP_TIMEOUT} s (command "
+                              "above); check the network and the package index, then run "
+                              "again") from None
     except OSError as error:
         returncode = error
     if returncode != 0:
@@ -1106,9 +1127,9 @@ def _cmd_new(args):
     system = get_expected_system_from_name(directory.name, base_dir=directory,
                                            core_repo=args.core_repo, core_app=args.core_app,
                                            framework=args.framework)
-    if directory.exists() and any(directory.iterdir()):
-        raise StagetoolsError(f"'{directory}' exists and is not empty; choose a new directory "
-                              "or remove this one")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise StagetoolsError(f"'{directory}' exists and is not an empty directory; choose a "
+                              "new directory or remove this one")
     starter = _render_starter(system, args.database)
     created = not directory.exists()
     try:

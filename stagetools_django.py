@@ -16,7 +16,6 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
 """
 
 import importlib.util
-import os
 import sys
 
 import stagetools
@@ -60,21 +59,8 @@ def settings_defaults(database="sqlite", system=None):
     (database and role named after the installation, peer authentication over
     the local socket, no password).
     """
+    stagetools._check_choice("database", database, stagetools.DATABASES)
     system = system or _env_setup()
-    databases = {
-        "sqlite": {"ENGINE": "django.db.backends.sqlite3",
-                   "NAME": str(system.database_sqlite_path)},
-        "postgresql": {"ENGINE": "django.db.backends.postgresql",
-                       "NAME": system.database_name, "USER": system.database_user,
-                       "PASSWORD": "",
-                       # libpq's compiled-in socket directory differs between builds,
-                       # so name it, unless libpq's own PGHOST says otherwise.
-                       "HOST": os.environ.get("PGHOST") or str(system.database_socket_dir),
-                       "PORT": ""},
-    }
-    if database not in databases:
-        raise stagetools.StagetoolsError(f"invalid database {database!r}: choose 'sqlite' or "
-                                         "'postgresql'")
     # Registered here, because every stagetools settings module comes through here.
     from django.core import checks
     checks.register(check_settings)
@@ -112,7 +98,7 @@ def settings_defaults(database="sqlite", system=None):
                 "django.contrib.messages.context_processors.messages",
             ]},
         }],
-        "DATABASES": {"default": databases[database]},
+        "DATABASES": {"default": _databases(system)[database]},
         "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
         "USE_TZ": True,
         "TIME_ZONE": "UTC",
@@ -138,6 +124,18 @@ def settings_defaults(database="sqlite", system=None):
     return settings
 
 
+def _databases(system):
+    """The DATABASES entry of each choice in stagetools.DATABASES."""
+    return {
+        "sqlite": {"ENGINE": "django.db.backends.sqlite3",
+                   "NAME": str(system.database_sqlite_path)},
+        "postgresql": {"ENGINE": "django.db.backends.postgresql",
+                       "NAME": system.database_name, "USER": system.database_user,
+                       "PASSWORD": "", "HOST": stagetools._database_host(system),
+                       "PORT": ""},
+    }
+
+
 def check_settings(app_configs=None, **kwargs):
     """Django system check: the settings must not contradict the installation."""
     from django.conf import settings
@@ -159,8 +157,7 @@ def check_settings(app_configs=None, **kwargs):
             hint="do not copy settings between installations; let stagetools fill them in",
             id="stagetools.W002"))
     database = settings.DATABASES.get("default", {})
-    expected = {"django.db.backends.sqlite3": str(system.database_sqlite_path),
-                "django.db.backends.postgresql": system.database_name}
+    expected = {entry["ENGINE"]: entry["NAME"] for entry in _databases(system).values()}
     wanted = expected.get(database.get("ENGINE"))
     if wanted is not None and str(database.get("NAME")) != wanted:
         problems.append(Warning(
