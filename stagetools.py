@@ -266,6 +266,7 @@ def _build_system(name, name_source, base_dir, user, group,
     base_dir = os.path.normpath(base_dir)
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
+    core_repo_dir = join(src_dir, core_repo)
     if framework == "django":
         entry_module = "stagetools_django"
         asgi_application = f"{entry_module}:asgi_application"
@@ -280,7 +281,7 @@ def _build_system(name, name_source, base_dir, user, group,
         is_debug=stage in DEBUG_STAGES, framework=framework, server=server,
         base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
         src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
-        core_repo_dir=join(src_dir, core_repo), static_url="static/",
+        core_repo_dir=core_repo_dir, static_url="static/",
         static_dir=join(base_dir, "static"), media_url="media/",
         media_dir=join(base_dir, "media"), run_dir=run_dir,
         socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
@@ -289,7 +290,7 @@ def _build_system(name, name_source, base_dir, user, group,
         wsgi_application=wsgi_application, django_project=DJANGO_PROJECT,
         django_settings=f"{DJANGO_PROJECT}.settings", django_rooturls=f"{DJANGO_PROJECT}.urls",
         django_wsgi_application=wsgi_application.replace(":", "."),
-        manage_py_path=join(src_dir, core_repo, "manage.py"),
+        manage_py_path=join(core_repo_dir, "manage.py"),
         database_name=name, database_user=name,
         database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
         # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).

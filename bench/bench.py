@@ -191,7 +191,7 @@ def paired(baseline, candidates, runs, measure):
     averaged into one pair, so that going first or second cancels out:
     {candidate: [(baseline value, candidate value) per two rounds]}."""
     rounds = {candidate: [] for candidate in candidates}
-    for round_ in range(-1, runs + runs % 2):
+    for round_ in range(-1, runs):
         for candidate in candidates:
             order = (baseline, candidate) if round_ % 2 else (candidate, baseline)
             values = {variant: measure(variant) for variant in order}
@@ -573,7 +573,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="a few iterations of everything: does it still work?")
-    parser.add_argument("--runs", type=int, help="measured pairs (default 20; smoke 3)")
+    parser.add_argument("--runs", type=int,
+                        help="measured runs of each variant, made even: two make one pair "
+                             "(default 20; smoke 4)")
     parser.add_argument("--seconds", type=float,
                         help="length of one serving run (default 3; smoke 0.5)")
     parser.add_argument("--seeds", type=int,
@@ -582,14 +584,15 @@ def main(argv=None):
     parser.add_argument("--only", type=int, choices=(1, 2, 3, 4), action="append",
                         help="run only this benchmark (repeatable)")
     args = parser.parse_args(argv)
-    runs = args.runs or (3 if args.smoke else 20)
+    runs = args.runs or (4 if args.smoke else 20)
+    runs += runs % 2
     seconds = args.seconds or (0.5 if args.smoke else 3)
     seeds = tuple(range(args.seeds if args.seeds is not None else 1 if args.smoke else 3))
     requests = (2, 6) if args.smoke else (50, 250)
     only = set(args.only or (1, 2, 3, 4))
     sizes = (10, 100, 1000) if args.smoke else (10, 100, 1000, 10000)
     started = time.monotonic()
-    print(f"# stagetools benchmarks: {runs} pairs of runs each"
+    print(f"# stagetools benchmarks: {runs} runs of each variant, {runs // 2} pairs"
           f"{' (smoke: numbers mean nothing)' if args.smoke else ''}", flush=True)
     print(f"machine: {machine()}", flush=True)
     if seeds and not shutil.which("valgrind"):
