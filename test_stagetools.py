@@ -932,10 +932,10 @@ def test_postgresql_installation__peer_auth_migrate_write_read(postgres, shared_
         settings_py = base_dir / "src" / "pgshop" / "stagetools_project" / "settings.py"
         assert "PASSWORD" not in settings_py.read_text()
         # What Django connects with: the installation's user on PostgreSQL's socket, no password.
-        code = ("from django.conf import settings; d = settings.DATABASES['default']; "
+        code = ("import aaa_script_setup; from django.conf import settings; "
+                "d = settings.DATABASES['default']; "
                 "print(repr((d['USER'], d['PASSWORD'], d['HOST'])))")
-        printed = run(["runuser", "-u", name, "--", base_dir / "bin" / "python",
-                       base_dir / "src" / "pgshop" / "manage.py", "shell", "-c", code],
+        printed = run(["runuser", "-u", name, "--", base_dir / "bin" / "python", "-c", code],
                       env=env, cwd="/").stdout.strip()
         assert printed == repr((name, "", env["PGHOST"]))
 
