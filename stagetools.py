@@ -81,9 +81,14 @@ DATABASES = ("sqlite", "postgresql")
 _SERVERS_OF = {"django": SERVERS, "flask": ("gunicorn",),
                "starlette": ("uvicorn", "hypercorn")}
 _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+# Characters a base dir may have: none of them means anything to systemd (% $ space \)
+# or to nginx (; { } $ quotes), so a base dir is written into units and sites as it is.
+_PATH_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                             "0123456789/._-")
 _EXAMPLE_NAME = "shop_prod"
 _USE_NAME_CHARACTERS = "use a-z, 0-9 and _ only"
 _SECRET_KEY_MIN_LENGTH = 50
+_SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
 _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
 
 
@@ -92,6 +97,10 @@ _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a wh
 
 class StagetoolsError(ValueError):
     """Every refusal of stagetools: the message names the input, the rule and the fix."""
+
+
+class _CouldNotCheck(StagetoolsError):
+    """The installation gave no usable answer: exit code 3, not "bad input"."""
 
 
 def _refuse_name(name, rule, fix=f"for example {_EXAMPLE_NAME!r}"):
@@ -126,6 +135,9 @@ def parse_name(name):
     bad = sorted(set(name) - _NAME_CHARACTERS)
     if bad:
         _refuse_name(name, f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS)
+    if name.startswith("pg_"):
+        _refuse_name(name, "PostgreSQL reserves role names that start with 'pg_'",
+                     f"for example {'my' + name!r}")
     configuration, underscore, stage_name = name.rpartition("_")
     if not underscore:
         _refuse_name(name, "it has no underscore between configuration and stage name",
@@ -146,10 +158,32 @@ def parse_name(name):
 
 
 def _check_identifier(kind, value):
-    if not (isinstance(value, str) and value.isidentifier() and value.isascii()):
+    import keyword
+    if not (isinstance(value, str) and value.isidentifier() and value.isascii()
+            and not keyword.iskeyword(value)):
         raise StagetoolsError(f"invalid {kind} {value!r}: it must be a Python identifier "
-                              f"(letters, digits, _), for example 'shop'")
+                              f"(a-z, A-Z, 0-9, _; not a keyword), for example 'shop'")
     return value
+
+
+def _check_base_dir(base_dir, name):
+    """The base dir as it is written into units and sites, or a refusal."""
+    base_dir = os.fspath(base_dir)
+    if os.name != "posix":  # Windows is for development: nothing there is rendered for use
+        rule = None if os.path.isabs(base_dir) else "it must be an absolute path"
+    elif set(base_dir) - _PATH_CHARACTERS:
+        rule = (f"it has the characters {''.join(sorted(set(base_dir) - _PATH_CHARACTERS))!r}; "
+                "a base dir has a-z, A-Z, 0-9, / . _ - only, as it is written into units and "
+                "the nginx site")
+    elif not base_dir.startswith("/"):
+        rule = "it must be an absolute path"
+    elif base_dir == "/":
+        rule = "it is the root directory"
+    elif base_dir != os.path.normpath(base_dir) or base_dir.startswith("//"):
+        rule = f"it is not normalised: write {os.path.normpath(base_dir).replace('//', '/')!r}"
+    else:
+        return base_dir
+    raise StagetoolsError(f"invalid base_dir {base_dir!r}: {rule}; for example '/home/{name}'")
 
 
 def _check_choice(kind, value, choices):
@@ -259,11 +293,7 @@ def _build_system(name, name_source, base_dir, user, group,
     framework = _check_choice("framework", framework or "django", FRAMEWORKS)
     server = _check_choice(f"server for {framework}", server or _SERVERS_OF[framework][0],
                            _SERVERS_OF[framework])
-    base_dir = os.fspath(base_dir)
-    if not os.path.isabs(base_dir):
-        raise StagetoolsError(f"invalid base_dir {base_dir!r}: it must be an absolute path, "
-                              f"for example '/home/{name}'")
-    base_dir = os.path.normpath(base_dir)
+    base_dir = _check_base_dir(base_dir, name)
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
@@ -340,6 +370,12 @@ def _module_dirs():
     return directories
 
 
+def _venv_named_like_an_installation(directory):
+    """Only a virtualenv is an installation: /srv/my_django/app is not one."""
+    return (_name_problem(os.path.basename(directory)) is None
+            and os.path.isfile(os.path.join(directory, "pyvenv.cfg")))
+
+
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
                                 framework=None, server=None):
     """The system this process runs in.
@@ -362,6 +398,12 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
             parse_name(name)
         except StagetoolsError as error:
             raise StagetoolsError(f"environment variable {ENV_NAME}: {error}") from None
+        venv_name = basename(prefix)
+        if _name_problem(venv_name) is None and venv_name != name:
+            # A DEV name in a PROD virtualenv would turn DEBUG on next to PROD's data.
+            raise StagetoolsError(
+                f"{ENV_NAME}={name!r} contradicts the virtualenv '{prefix}' of the "
+                f"installation {venv_name!r}; unset {ENV_NAME} or set it to {venv_name!r}")
         source = f"environment {ENV_NAME}"
     else:
         tried.append("argument: not given")
@@ -374,18 +416,19 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
                          f"name ({problem})")
             module_dirs = _module_dirs()
             for directory in module_dirs:
-                if _name_problem(basename(directory)) is None:
+                if _venv_named_like_an_installation(directory):
                     name, source = basename(directory), f"module path {directory}"
                     break
             else:
-                tried.append(f"module path '{module_dirs[0]}': no directory above it is "
+                tried.append(f"module path '{module_dirs[0]}': no virtualenv above it is "
                              "named like an installation")
     if name is None:
         raise StagetoolsError("cannot tell the installation name; tried " + "; ".join(tried)
                               + f". Fix: set {ENV_NAME}=shop_dev, or run from a virtualenv "
                               "whose directory is named like the installation (/home/shop_dev)")
-    base_dir = prefix if basename(prefix) == name else \
-        next((d for d in _module_dirs() if basename(d) == name), prefix)
+    base_dir = prefix if basename(prefix) == name else next(
+        (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
+        prefix)
     return _build_system(name, source, base_dir, None, None,
                          core_repo, core_app, framework, server)
 
@@ -412,24 +455,71 @@ def read_secret_key(system):
 
     Every process that starts at once gets the same key: a finished key file is
     hard-linked into place, and a process that loses the race reads the winner's.
+    The key file must be a regular file of this process's user that no one else
+    can read; anything else (a link, a FIFO, a device) is refused unopened.
     """
     path = os.fspath(system.secret_key_path)
-    if not os.path.exists(path):
-        _create_secret_file(path)
     try:
-        mode = os.stat(path).st_mode
-        with open(path, encoding="utf-8") as file:
-            key = file.read().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise StagetoolsError(f"cannot read the secret key file '{path}': {error}; it must be "
-                              f"readable by the installation's user {system.name!r}: "
-                              f"chown {system.name} '{path}'") from None
-    if os.name == "posix" and mode & 0o077:
-        raise StagetoolsError(f"the secret key file '{path}' has mode {mode & 0o777:o}: other "
-                              f"users can read it; fix: chmod 600 '{path}'")
+        return _read_secret_file(path)
+    except FileNotFoundError:
+        _create_secret_file(path)
+        return _read_secret_file(path)
+
+
+def _read_secret_file(path):
+    import errno
+    import stat
+    remove = f"remove it (rm -- '{path}'): a new key is made"
+    # No link followed, no wait on a FIFO: look at what is there before reading it.
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0))
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StagetoolsError(f"the secret key file '{path}' is a symbolic link; "
+                                  f"{remove}") from None
+        raise StagetoolsError(f"cannot open the secret key file '{path}': {error.strerror}; "
+                              "run as the installation's user") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StagetoolsError(f"the secret key file '{path}' is not a regular file; "
+                                  f"{remove}")
+        if os.name == "posix" and info.st_uid != os.geteuid():
+            import pwd
+            raise StagetoolsError(
+                f"the secret key file '{path}' belongs to {_user_name(pwd, info.st_uid)!r}, "
+                f"not to {_user_name(pwd, os.geteuid())!r}: run as the installation's user, "
+                f"or {remove}")
+        if os.name == "posix" and info.st_mode & 0o077:
+            raise StagetoolsError(f"the secret key file '{path}' has mode "
+                                  f"{info.st_mode & 0o777:o}: other users can read it; fix, "
+                                  f"as its owner: chmod 600 '{path}'")
+        data = b""
+        while len(data) <= _SECRET_KEY_MAX_BYTES:
+            chunk = os.read(descriptor, _SECRET_KEY_MAX_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as error:
+        raise StagetoolsError(f"cannot read the secret key file '{path}': "
+                              f"{error.strerror}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > _SECRET_KEY_MAX_BYTES:
+        raise StagetoolsError(f"the secret key file '{path}' holds more than "
+                              f"{_SECRET_KEY_MAX_BYTES} bytes; {remove}")
+    try:
+        key = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise StagetoolsError(f"the secret key file '{path}' is not UTF-8 text; "
+                              f"{remove}") from None
     if len(key) < _SECRET_KEY_MIN_LENGTH:
         raise StagetoolsError(f"the secret key file '{path}' holds {len(key)} characters, fewer "
-                              f"than {_SECRET_KEY_MIN_LENGTH}; remove it and a new key is made")
+                              f"than {_SECRET_KEY_MIN_LENGTH}; {remove}")
     return key
 
 
@@ -442,20 +532,19 @@ def _create_secret_file(path):
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as error:
-        raise StagetoolsError(f"cannot create the secret key file '{path}': {error}; the "
-                              f"directory '{directory}' must exist and be writable") from None
+        raise StagetoolsError(f"cannot create the secret key file '{path}': {error.strerror}; "
+                              f"the directory '{directory}' must exist and be writable") from None
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             file.write(key + "\n")
             file.flush()
             os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process made the key first; everybody uses that one
-        except OSError as error:
-            raise StagetoolsError(f"cannot create the secret key file '{path}': {error}; its "
-                                  "file system must support hard links") from None
+        os.link(temporary, path)
+    except FileExistsError:
+        pass  # another process made the key first; everybody uses that one
+    except OSError as error:  # a full disk, a file system without hard links
+        raise StagetoolsError(f"cannot create the secret key file '{path}': {error.strerror}; "
+                              "its file system must have space and support hard links") from None
     finally:
         os.unlink(temporary)
 
@@ -507,7 +596,7 @@ _NGINX_DIR = "/etc/nginx/sites-available"
 _WEB_GROUP = "www-data"
 # Each line is explained in the README's table "Hardening of the system unit".
 _HARDENING = """\
-UMask=0027
+UMask=0077
 ProtectSystem=strict
 ProtectHome=tmpfs
 BindPaths={base_dir}
@@ -626,8 +715,10 @@ def _render_services(system):
     return {
         f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
         f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
-        # The socket dir: the user may write there, nginx may pass, nobody else.
-        f"{_TMPFILES_DIR}/{name}.conf": f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n",
+        # The socket dir: the user may write there, nginx may pass, nobody else. Uploads:
+        # nginx's group reads them (new ones inherit the group), nobody else.
+        f"{_TMPFILES_DIR}/{name}.conf": f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n"
+                                        f"d {system.media_dir} 2750 {system.user} {_WEB_GROUP} -\n",
         f"{_NGINX_DIR}/{name}.conf": _render_nginx(system),
         os.path.join(user_dir, f"{name}.socket"): user_socket,
         os.path.join(user_dir, f"{name}.service"): user_service,
@@ -921,15 +1012,18 @@ print(json.dumps({"system": system.as_dict(),
 """
 
 
-def _probe_actual_system(expected):
-    """The actual system as the installation's Python, run as its user, resolves it."""
+_PROBE_OUTPUT_LIMIT = 1 << 20  # bytes; an answer is about 10 KiB
+_PROBE_TIMEOUT = 60  # seconds
+
+
+def _probe_actual_system(expected, paths):
+    """The actual system as the installation's Python, run as its user, resolves it:
+    ``(answer, None)``, or ``(None, why there is no answer)``. Nothing it prints is
+    trusted: an answer must have exactly the probe's shape."""
     import json
-    import subprocess
     options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
                "core_app": expected.core_app, "framework": expected.framework,
-               "server": expected.server,
-               "paths": [str(expected.static_dir), str(expected.media_dir),
-                         str(expected.run_dir)]}
+               "server": expected.server, "paths": paths}
     switch = {}
     if _process_user_and_group()[0] != expected.user:
         if os.geteuid() != 0:
@@ -937,27 +1031,87 @@ def _probe_actual_system(expected):
                                   f"its user: run it as root or as {expected.user}")
         switch = dict(user=expected.user, group=expected.group, extra_groups=[])
     env = {"PATH": "/usr/bin:/bin", "HOME": str(expected.base_dir), "LANG": "C.UTF-8"}
+    command = [str(expected.python_path), "-B", "-I", "-c", _PROBE, json.dumps(options)]
     try:
-        result = subprocess.run(
-            [str(expected.python_path), "-B", "-I", "-c", _PROBE, json.dumps(options)],
-            capture_output=True, text=True, env=env, cwd="/", timeout=60, **switch)
-    except (OSError, subprocess.SubprocessError) as error:
-        return None, f"cannot run: {error}"
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
-        return None, lines[-1]
+        returncode, stdout, stderr = _run_bounded(command, env=env, cwd="/", **switch)
+    except OSError as error:
+        return None, f"its Python did not start: {error.strerror}"
+    except StagetoolsError as error:
+        return None, f"its Python {error}"
+    if returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        return None, f"its Python exited {returncode}: {lines[-1] if lines else 'no message'}"
     try:
-        return json.loads(result.stdout), None
-    except ValueError:
-        return None, f"printed something else than the system: {result.stdout[:200]!r}"
+        answer = json.loads(stdout.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        answer = None
+    if not _is_probe_answer(answer, expected, paths):
+        return None, f"its Python printed something else than its system: {stdout[:80]!r}"
+    return answer, None
+
+
+def _is_probe_answer(answer, expected, paths):
+    """Whether ``answer`` has exactly the shape of what the probe prints."""
+    wanted = expected.as_dict()
+    if not (isinstance(answer, dict) and set(answer) == {"system", "writable"}):
+        return False
+    system, writable = answer["system"], answer["writable"]
+    return (isinstance(system, dict) and set(system) == set(wanted)
+            and all(type(value) is type(wanted[key]) for key, value in system.items())
+            and all(type(path) is str and type(text) is str
+                    for path, text in system["services"].items())
+            and isinstance(writable, dict) and set(writable) == set(paths)
+            and all(type(value) is bool for value in writable.values()))
+
+
+def _run_bounded(command, **kwargs):
+    """Run a command of an installation: ``(exit code, stdout, stderr)``, each output at most
+    _PROBE_OUTPUT_LIMIT bytes, within _PROBE_TIMEOUT seconds, or a StagetoolsError."""
+    import selectors
+    import signal
+    import subprocess
+    import time
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    outputs = {process.stdout: bytearray(), process.stderr: bytearray()}
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    problem = None
+    with process, selectors.DefaultSelector() as selector:
+        for stream in outputs:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map() and problem is None:
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
+            if not ready:
+                problem = f"gave no answer within {_PROBE_TIMEOUT} s"
+            for key, _ in ready:
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                outputs[key.fileobj] += chunk
+                if len(outputs[key.fileobj]) > _PROBE_OUTPUT_LIMIT:
+                    problem = f"printed more than {_PROBE_OUTPUT_LIMIT} bytes"
+        if problem is None:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                problem = f"did not exit within {_PROBE_TIMEOUT} s"
+        if problem is not None:  # its children too: it may have started some
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            raise StagetoolsError(problem)
+    return process.returncode, bytes(outputs[process.stdout]), bytes(outputs[process.stderr])
 
 
 def _unit_difference(path, text):
+    if _file_kind(path) != "a regular file":
+        return _file_kind(path)
     try:
         with open(path, encoding="utf-8") as file:
             actual = file.read()
-    except OSError as error:
-        return error.strerror.lower()
+    except (OSError, UnicodeDecodeError) as error:
+        return getattr(error, "strerror", None) or "not UTF-8 text"
     if actual == text:
         return None
     for number, (want, have) in enumerate(zip(text.splitlines() + [""],
@@ -967,11 +1121,26 @@ def _unit_difference(path, text):
     return "differs"
 
 
+def _file_kind(path):
+    """'a directory', 'a regular file', 'a symbolic link', ... or 'missing'; links not followed."""
+    import stat
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing"
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def check_installation(expected):
     """Compare an installation on disk with its expected system; change nothing.
 
-    Returns ``(number of checks, differences)``, each difference a tuple
-    ``(what, expected, actual)``.
+    Returns ``(number of checks, differences, could_not_check)``: each difference a
+    tuple ``(what, expected, actual)``; ``could_not_check`` None, or why the
+    installation's own Python gave no usable answer (then the check is incomplete).
     """
     import grp
     import pwd
@@ -983,8 +1152,15 @@ def check_installation(expected):
         if want != have:
             differences.append((what, want, have))
 
-    def owner(path):
-        return _user_name(pwd, path.stat().st_uid)
+    def private_file(what, path, others):
+        """A regular file of the user that ``others`` (mode bits) cannot use."""
+        kind = _file_kind(path)
+        fact(what, "a regular file", kind)
+        if kind == "a regular file":
+            info = os.lstat(path)
+            fact(f"{what} owner", expected.user, _user_name(pwd, info.st_uid))
+            fact(f"{what} mode", _PRIVATE[others],
+                 f"{info.st_mode & 0o777:o}" if info.st_mode & others else _PRIVATE[others])
 
     try:
         pwd.getpwnam(expected.user)
@@ -999,42 +1175,55 @@ def check_installation(expected):
         group_exists = False
     fact("group", expected.group, expected.group if group_exists else "missing")
     base = expected.base_dir
-    if base.is_dir():
-        fact("base_dir owner", expected.user, owner(base))
+    if _file_kind(base) == "a directory":
+        fact("base_dir owner", expected.user, _user_name(pwd, base.stat().st_uid))
         mode = base.stat().st_mode & 0o777
         fact("base_dir mode", "not world-writable",
              "not world-writable" if not mode & 0o002 else f"{mode:o}")
     else:
-        fact("base_dir", "a directory", "missing")
-    fact("python_path", "executable",
-         "executable" if os.access(expected.python_path, os.X_OK) else "missing")
-    fact("core_repo_dir", "a directory",
-         "a directory" if expected.core_repo_dir.is_dir() else "missing")
-    secret = expected.secret_key_path
-    if secret.is_file():
-        mode = secret.stat().st_mode & 0o777
-        fact("secret_key_path mode", "no access for group and others",
-             f"{mode:o}" if mode & 0o077 else "no access for group and others")
-        fact("secret_key_path owner", expected.user, owner(secret))
-    else:
-        fact("secret_key_path", "a file", "missing")
+        fact("base_dir", "a directory", _file_kind(base))
+    python_ok = os.path.isfile(expected.python_path) and os.access(expected.python_path, os.X_OK)
+    fact("python_path", "an executable file",
+         "an executable file" if python_ok else _file_kind(expected.python_path))
+    fact("core_repo_dir", "a directory", _file_kind(expected.core_repo_dir))
+    private_file("secret_key_path", expected.secret_key_path, 0o077)
+    if os.path.lexists(expected.database_sqlite_path):  # SQLite chosen: it holds sessions
+        private_file("database_sqlite_path", expected.database_sqlite_path, 0o077)
+    if _file_kind(expected.media_dir) == "a directory":  # uploads: nginx's group reads them
+        mode = expected.media_dir.stat().st_mode
+        fact("media_dir mode", _PRIVATE[0o007],
+             f"{mode & 0o7777:o}" if mode & 0o007 else _PRIVATE[0o007])
     for path, text in expected.services.items():
         if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
             fact(f"unit {path}", "as rendered", _unit_difference(path, text) or "as rendered")
-    probe, problem = (_probe_actual_system(expected) if user_exists and group_exists
-                      else (None, "its user or group is missing"))
-    fact("actual system", "resolved by the installation's Python", problem
-         or "resolved by the installation's Python")
-    if probe is not None:
-        wanted = expected.as_dict()
-        for key, value in probe["system"].items():
-            if key != "name_source":
-                fact(f"actual {key}", wanted.get(key), value)
-        for path, writable in probe["writable"].items():
-            fact(f"{path}", "a directory writable by the user",
-                 "a directory writable by the user" if os.path.isdir(path) and writable
-                 else "missing" if not os.path.exists(path) else "not writable by the user")
-    return checks, differences
+    if not (user_exists and group_exists and python_ok):
+        fact("actual system", "resolved by the installation's Python",
+             "not asked: its user, group or Python is missing")
+        return checks, differences, None
+    paths = [str(expected.static_dir), str(expected.media_dir), str(expected.run_dir)]
+    probe, could_not_check = _probe_actual_system(expected, paths)
+    if probe is None:
+        return checks, differences, could_not_check
+    checks += 1  # the actual system was resolved
+    wanted = expected.as_dict()
+    for key, value in probe["system"].items():
+        if key != "name_source":
+            fact(f"actual {key}", wanted[key], value)
+    for path, writable in probe["writable"].items():
+        fact(f"{path}", "a directory writable by the user",
+             "a directory writable by the user" if os.path.isdir(path) and writable
+             else "missing" if not os.path.exists(path) else "not writable by the user")
+    return checks, differences, None
+
+
+_PRIVATE = {0o077: "no access for group and others", 0o007: "no access for others"}
+
+
+def _printable(value):
+    """``value`` as text safe for a terminal: control characters shown as escapes."""
+    text = str(value)
+    return text if text.isprintable() else "".join(
+        char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 # ---------------------------------------------------------------- command line
@@ -1128,19 +1317,21 @@ def _cmd_new(args):
     system = get_expected_system_from_name(directory.name, base_dir=directory,
                                            core_repo=args.core_repo, core_app=args.core_app,
                                            framework=args.framework)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise StagetoolsError(f"'{directory}' exists and is not an empty directory; choose a "
-                              "new directory or remove this one")
+    _refuse_a_directory_others_could_swap(directory)
     starter = _render_starter(system, args.database)
     created = not directory.exists()
+    # Everything new makes is its user's alone (the database, the key, the venv); nginx
+    # reads static/ only, and Django's storage gives the files there their own modes.
+    umask = os.umask(0o077)
     try:
         _run([args.python, "-m", "venv", directory], "creating the virtualenv")
         for relative, text in starter.items():
             target = system.core_repo_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
-        for folder in (system.static_dir, system.media_dir):
-            folder.mkdir(exist_ok=True)
+        system.static_dir.mkdir(mode=0o755, exist_ok=True)
+        system.static_dir.chmod(0o755)
+        system.media_dir.mkdir(mode=0o700, exist_ok=True)
         _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
              "installing the starter repo and its requirements")
         if system.framework == "django":
@@ -1160,6 +1351,8 @@ def _cmd_new(args):
                 else:
                     child.unlink()
         raise
+    finally:
+        os.umask(umask)
     print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
           "Serve it with one of:")
     for server in _SERVERS_OF[system.framework]:
@@ -1170,6 +1363,40 @@ def _cmd_new(args):
     return 0
 
 
+def _refuse_a_directory_others_could_swap(directory):
+    """`new` builds programs that its user (root, say) runs: refuse a directory that another
+    user owns, or one in a directory where others may rename entries (no sticky bit)."""
+    import pwd
+    import stat
+    me = os.geteuid()
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        info = None
+    if info is not None and (not stat.S_ISDIR(info.st_mode) or any(os.scandir(directory))):
+        raise StagetoolsError(f"'{directory}' exists and is not an empty directory; choose a "
+                              "new directory or remove this one")
+    if info is not None and info.st_uid != me:
+        owner = _user_name(pwd, info.st_uid)
+        raise StagetoolsError(f"'{directory}' belongs to {owner!r}, not to "
+                              f"{_user_name(pwd, me)!r}, who runs new: {owner} could swap "
+                              f"what new builds there; remove it, or run new as {owner}")
+    parent = os.path.dirname(os.path.realpath(directory))
+    while True:
+        info = os.stat(parent)
+        if info.st_uid not in (0, me):
+            raise StagetoolsError(f"'{parent}' belongs to {_user_name(pwd, info.st_uid)!r}, "
+                                  "who could swap what new builds below it; choose a "
+                                  "directory below your own or root's")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise StagetoolsError(f"'{parent}' is writable by others without the sticky bit: "
+                                  "they could swap what new builds below it; choose another "
+                                  f"directory, or chmod go-w '{parent}'")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
 def _cmd_check(args):
     import json
     if not args.name:
@@ -1177,32 +1404,40 @@ def _cmd_check(args):
     expected = get_expected_system_from_name(
         args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
         framework=args.framework, server=args.server)
-    checks, differences = check_installation(expected)
+    checks, differences, could_not_check = check_installation(expected)
     if args.json:
-        print(json.dumps({"name": expected.name, "ok": not differences, "checks": checks,
+        print(json.dumps({"name": expected.name, "ok": not differences and not could_not_check,
+                          "checks": checks, "could_not_check": could_not_check,
                           "differences": [{"what": what, "expected": want, "actual": have}
                                           for what, want, have in differences]}, indent=2))
-    elif not differences:
-        print(f"{expected.name}: all {checks} checks hold")
-    else:
+    elif differences:
         print(f"{expected.name}: {len(differences)} of {checks} checks differ")
-        rows = [("what", "expected", "actual")] + [tuple(map(str, d)) for d in differences]
+        rows = [("what", "expected", "actual")] + [tuple(_printable(part)[:200] for part in d)
+                                                   for d in differences]
         widths = [max(len(row[column]) for row in rows) for column in range(2)]
         for what, want, have in rows:
             print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
+    elif not could_not_check:
+        print(f"{expected.name}: all {checks} checks hold")
+    if could_not_check:
+        raise _CouldNotCheck(f"could not check {expected.name}: {could_not_check}")
     return 1 if differences else 0
 
 
 def main(argv=None):
-    """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input)."""
+    """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input,
+    3 an installation that could not be checked)."""
     try:
         args = _parser().parse_args(argv)
         if args.command in ("new", "check") and os.name != "posix":
             raise StagetoolsError(f"{args.command} works on Linux installations (users, "
                                   "venvs with bin/, systemd): run it on the server")
         return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
+    except _CouldNotCheck as error:
+        print(f"stagetools: {_printable(error)}", file=sys.stderr)
+        return 3
     except StagetoolsError as error:
-        print(f"stagetools: error: {error}", file=sys.stderr)
+        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

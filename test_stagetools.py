@@ -22,12 +22,13 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import stagetools
@@ -40,6 +41,8 @@ IN_CI = os.environ.get("STAGETOOLS_CI") == "1"
 needs_root = pytest.mark.skipif(not (IS_ROOT or IN_CI), reason="needs root (CI runs as root)")
 # Installations served as their own users need a Python those users may run.
 SYSTEM_PYTHON = "/usr/bin/python3"
+# Made by the shared_dir fixture: a copy of the modules that every user may read.
+SHARED_DIR = Path(f"/tmp/stagetools-test-{os.getpid()}")
 WAIT_SECONDS = 60
 
 
@@ -188,12 +191,17 @@ def run_to_failure(command, log, **kwargs):
 
 
 def new_installation(directory, *args, user=None, env=None):
-    """Create an installation with the README's one-command start."""
+    """Create an installation with the README's one-command start, under the common umask
+    022 (new must keep the installation's files private all the same).
+
+    As another user it runs the copy of stagetools.py in the shared directory: that user
+    may not be able to read the checkout (a clone in a 0700 directory)."""
     command = [sys.executable, STAGETOOLS, "new", directory, *args]
     if user:
-        command = ["runuser", "-u", user, "--", SYSTEM_PYTHON, STAGETOOLS, "new", directory,
-                   "--python", SYSTEM_PYTHON, *args]
-    result = run(command, check=False, env=env or clean_env())
+        command = ["runuser", "-u", user, "--", SYSTEM_PYTHON, SHARED_DIR / "stagetools.py",
+                   "new", directory, "--python", SYSTEM_PYTHON, *args]
+    result = run(["sh", "-c", 'umask 022 && exec "$@"', "sh", *command], check=False,
+                 env=env or clean_env(), cwd="/")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -314,6 +322,7 @@ BAD_NAMES = {
     "shop-x_prod": "the characters '-'",
     "1shop_prod": "must start with a letter",
     "a" * 28 + "_prod": "more than the 32",
+    "pg_prod": "PostgreSQL reserves role names that start with 'pg_'",
 }
 
 
@@ -359,6 +368,87 @@ def test_any_string__a_system_or_our_error(name):
     else:
         assert system.name == name and system.configuration + "_" + system.stage_name == name
         assert len(name) <= 32 and system.stage_name[0] in "pqid"
+
+
+# ---------------------------------------------------------------- values that reach rendered files
+
+HOSTILE_BASE_DIRS = {
+    # An nginx location of its own: passed `nginx -t` and served /etc/passwd when rendered.
+    "/srv/x/;}location ~ ^/leak/(.*)$ {alias /etc/$1;}location ~ ^/z {alias /srv/x":
+        "the characters ' $()*;^{}~'",
+    "/srv/shop prod": "the characters ' '",  # a space splits BindPaths=
+    "/srv/%h": "the characters '%'",  # systemd expands specifiers
+    "/srv/${HOME}": "the characters '${}'",  # and environment variables
+    "/srv/x\nExecStartPre=/bin/sh": "the characters '\\n='",  # a line of its own
+    "/srv/\u0161hop": "the characters '\u0161'",
+    "srv/x": "it must be an absolute path",
+    "/srv/../etc": "it is not normalised",
+    "/srv/x/": "it is not normalised",
+    "//srv/x": "it is not normalised",
+    "/srv/./x": "it is not normalised",
+    "/": "it is the root directory",
+}
+
+
+@pytest.mark.parametrize("base_dir", HOSTILE_BASE_DIRS)
+def test_base_dir__hostile_or_unclear__refused_exit_2(base_dir):
+    result = cli("show", "x_prod", "--expected", "--json", "--base-dir", base_dir)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert repr(base_dir) in result.stderr and HOSTILE_BASE_DIRS[base_dir] in result.stderr
+
+
+# The rules as the README states them, written here independently of the module.
+SAFE_BASE_DIR = re.compile(r"(/[A-Za-z0-9._-]+)+")
+SAFE_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLACEHOLDERS = {"base_dir": "/srv/zz9placeholder", "core_repo": "zz9placeholder",
+                "core_app": "zz9placeholder"}
+ANY_VALUE = st.one_of(st.text(), st.text(alphabet="/ab_9.-%${};~\n\\'\"# \u00e9", max_size=30))
+
+
+@settings(max_examples=500, deadline=None)
+@given(field=st.sampled_from(sorted(PLACEHOLDERS)), value=ANY_VALUE)
+def test_any_value__refused_or_rendered_on_its_own_lines_only(field, value):
+    assume(value != "")  # the same as not given: the default
+    try:
+        files = stagetools.get_expected_system_from_name("x_prod", **{field: value}).services
+    except stagetools.StagetoolsError as error:
+        assert repr(value) in str(error) and "\n" not in str(error)
+        return
+    if field == "base_dir":
+        assert SAFE_BASE_DIR.fullmatch(value) and "/./" not in value + "/"
+        assert "/../" not in value + "/"
+    else:
+        assert SAFE_IDENTIFIER.fullmatch(value)
+    placeholder = PLACEHOLDERS[field]
+    reference = stagetools.get_expected_system_from_name("x_prod", **{field: placeholder})
+    assert sorted(files) == sorted(path.replace(placeholder, value)
+                                   for path in reference.services)
+    for path, text in reference.services.items():
+        lines = files[path.replace(placeholder, value)].splitlines()
+        # Line for line the reference with the value in the placeholder's place: no new
+        # line, no other directive, nothing around the value changed.
+        assert lines == [line.replace(placeholder, value) for line in text.splitlines()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(option=st.sampled_from(["--base-dir", "--core-repo", "--core-app", "--server",
+                               "--framework"]), value=ANY_VALUE)
+def test_any_option_value__exit_2_one_line_or_json(option, value):
+    import io
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            returncode = stagetools.main(["show", "x_prod", "--expected", "--json",
+                                          f"{option}={value}"])
+        except SystemExit as exit:  # argparse's own exits (none expected)
+            returncode = exit.code
+    if returncode == 0:
+        assert json.loads(stdout.getvalue())["name"] == "x_prod" and stderr.getvalue() == ""
+    else:
+        assert returncode == 2 and stdout.getvalue() == ""
+        assert stderr.getvalue().startswith("stagetools: error: ")
+        assert stderr.getvalue().count("\n") == 1
 
 
 def test_show_into_a_closed_pipe__no_traceback():
@@ -472,11 +562,35 @@ def test_actual__from_a_real_virtualenv(tmp_path):
 def test_actual__from_the_directories_above_the_module(tmp_path):
     repo = tmp_path / "acme_int" / "src" / "shop"
     repo.mkdir(parents=True)
+    (tmp_path / "acme_int" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     shutil.copy(STAGETOOLS, repo / "stagetools.py")
     data = show_json("--core-repo", "shop", script=repo / "stagetools.py")
     assert data["name_source"] == f"module path {tmp_path / 'acme_int'}"
     assert (data["name"], data["base_dir"], data["core_repo_dir"]) == (
         "acme_int", str(tmp_path / "acme_int"), str(repo))
+
+
+def test_actual__a_directory_above_the_module_counts_only_as_a_virtualenv(tmp_path):
+    app = tmp_path / "my_django" / "app"  # named like an installation, but no virtualenv
+    app.mkdir(parents=True)
+    shutil.copy(STAGETOOLS, app / "stagetools.py")
+    result = cli("show", script=app / "stagetools.py")
+    assert result.returncode == 2 and "no virtualenv above it is named like an installation" \
+        in result.stderr
+    (tmp_path / "my_django" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert show_json(script=app / "stagetools.py")["name"] == "my_django"
+
+
+def test_actual__environment_contradicting_the_virtualenv__refused(tmp_path):
+    venv = tmp_path / "shop_prod"
+    run([sys.executable, "-m", "venv", "--without-pip", venv])
+    python = venv / "bin" / "python"
+    result = cli("show", "--json", python=python, env=clean_env(STAGETOOLS_NAME="shop_dev"))
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert ("STAGETOOLS_NAME='shop_dev' contradicts the virtualenv "
+            f"'{venv}' of the installation 'shop_prod'") in result.stderr
+    agreeing = show_json(python=python, env=clean_env(STAGETOOLS_NAME="shop_prod"))
+    assert (agreeing["name"], agreeing["is_debug"]) == ("shop_prod", False)
 
 
 def test_actual__nothing_fits__every_source_listed(tmp_path):
@@ -497,6 +611,7 @@ def test_copied_alone_and_symlinked__same_result_and_real_file_wins(tmp_path):
     shutil.copy(STAGETOOLS, fresh / "stagetools.py")
     real_repo = tmp_path / "shop_dev" / "src" / "shop"
     real_repo.mkdir(parents=True)
+    (tmp_path / "shop_dev" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     shutil.copy(STAGETOOLS, real_repo / "stagetools.py")
     deploy = tmp_path / "ideploy_prod"  # a name that parses: the link must not be used
     deploy.mkdir()
@@ -583,13 +698,81 @@ def test_secret_key__readable_by_others__refused(tmp_path):
 def test_secret_key__unreadable_or_short__refused(tmp_path):
     system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path)
     system.secret_key_path.mkdir()  # unreadable as a file, even for root
-    with pytest.raises(stagetools.StagetoolsError, match="cannot read the secret key file"):
+    with pytest.raises(stagetools.StagetoolsError, match="is not a regular file"):
         stagetools.read_secret_key(system)
     system.secret_key_path.rmdir()
     system.secret_key_path.write_text("short")
     system.secret_key_path.chmod(0o600)
     with pytest.raises(stagetools.StagetoolsError, match="fewer than 50"):
         stagetools.read_secret_key(system)
+
+
+def read_key_in_child(base_dir, limits=()):
+    """read_secret_key in a child bounded in time and memory: (exit code, printed lines)."""
+    code = ("import sys, stagetools\n"
+            "s = stagetools.get_expected_system_from_name('shop_prod', base_dir=sys.argv[1])\n"
+            "try:\n    print('key', len(stagetools.read_secret_key(s)))\n"
+            "except stagetools.StagetoolsError as error:\n    print('refused', error)\n")
+
+    def bounded():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        for limit, value in limits:
+            resource.setrlimit(limit, (value, value))
+    process = subprocess.Popen([sys.executable, "-c", code, str(base_dir)], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=bounded, start_new_session=True)
+    try:
+        output = process.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        stop_group(process, 9)
+        return None, ["no answer within 20 s"]
+    return process.returncode, output.splitlines()
+
+
+def test_secret_key__never_opens_what_is_not_its_regular_file(tmp_path):
+    key = tmp_path / "secret_key"
+    os.mkfifo(key)  # opening a FIFO for reading waits for a writer: forever
+    assert read_key_in_child(tmp_path)[1][-1].endswith("is not a regular file; remove it "
+                                                       f"(rm -- '{key}'): a new key is made")
+    key.unlink()
+    key.symlink_to("/dev/zero")  # reading it never ends
+    returncode, lines = read_key_in_child(tmp_path)
+    assert returncode == 0 and "is a symbolic link" in lines[-1], lines
+    key.unlink()
+    elsewhere = tmp_path / "elsewhere"  # a well-formed key the link points to
+    elsewhere.write_text("k" * 60)
+    elsewhere.chmod(0o600)
+    key.symlink_to(elsewhere)
+    returncode, lines = read_key_in_child(tmp_path)
+    assert returncode == 0 and lines[-1].startswith("refused") and "is a symbolic link" in lines[-1]
+    key.unlink()
+    key.write_bytes(b"k" * 1_000_000)
+    key.chmod(0o600)
+    returncode, lines = read_key_in_child(tmp_path)
+    assert returncode == 0 and "more than 4096 bytes" in lines[-1], lines
+    key.write_bytes(b"\xff" * 60)
+    assert "not UTF-8" in read_key_in_child(tmp_path)[1][-1]
+    for _, lines in [read_key_in_child(tmp_path)]:
+        assert "chown" not in " ".join(lines) and "chmod" not in " ".join(lines)
+
+
+def test_secret_key__full_disk__our_error_no_traceback_no_temporary(tmp_path):
+    import resource
+    returncode, lines = read_key_in_child(tmp_path, limits=[(resource.RLIMIT_FSIZE, 10)])
+    assert returncode == 0 and lines[-1].startswith("refused cannot create the secret key file")
+    assert "File too large" in lines[-1] and list(tmp_path.iterdir()) == []
+
+
+@needs_root
+def test_secret_key__owned_by_another_user__refused_with_no_link_following_advice(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path)
+    stagetools.read_secret_key(system)
+    os.chown(system.secret_key_path, pwd.getpwnam("nobody").pw_uid, -1)
+    with pytest.raises(stagetools.StagetoolsError) as raised:
+        stagetools.read_secret_key(system)
+    assert "belongs to 'nobody', not to 'root'" in str(raised.value)
+    assert "chown" not in str(raised.value)
 
 
 def test_secret_key__missing_base_dir__clear_error(tmp_path):
@@ -604,7 +787,7 @@ def test_secret_key__missing_base_dir__clear_error(tmp_path):
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory):
     """A directory every user may read: the modules and pip's cache for installations."""
-    directory = Path(f"/tmp/stagetools-test-{os.getpid()}")
+    directory = SHARED_DIR
     directory.mkdir(mode=0o755)
     for module in ("stagetools.py", "stagetools_django.py"):
         shutil.copy(HERE / module, directory / module)
@@ -661,6 +844,10 @@ def test_dev_installation__layout_of_the_seed(dev_installation):
         assert (repo / relative).exists(), relative
     assert (directory / "shop.sqlite").stat().st_size > 0
     assert stat.S_IMODE((directory / "secret_key").stat().st_mode) == 0o600
+    # Made under umask 022, private all the same: database, uploads and key.
+    assert stat.S_IMODE((directory / "shop.sqlite").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / "media").stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "static").stat().st_mode) == 0o755
     script = ("import aaa_script_setup, django; from django.conf import settings; "
               "print(settings.DEBUG, django.get_version())")
     debug, version = run([directory / "bin" / "python", "-c", script], cwd="/").stdout.split()
@@ -692,6 +879,31 @@ def test_new__refuses_a_bad_name_and_a_full_directory_and_cleans_up(tmp_path):
         PIP_INDEX_URL="http://127.0.0.1:9/", PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path)))
     assert result.returncode == 2 and "installing the starter repo" in result.stderr
     assert empty.is_dir() and list(empty.iterdir()) == []
+
+
+@needs_root
+def test_new__refuses_a_directory_another_user_could_swap():
+    top = Path(tempfile.mkdtemp(prefix="stagetools-squat-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        sticky = top / "sticky"  # like /tmp: others may write, not rename what is not theirs
+        sticky.mkdir(mode=0o755)
+        sticky.chmod(0o1777)
+        squatted = sticky / "x_dev"
+        run(["runuser", "-u", "nobody", "--", "mkdir", squatted], cwd="/")
+        result = cli("new", squatted)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert f"'{squatted}' belongs to 'nobody', not to 'root'" in result.stderr
+        assert list(squatted.iterdir()) == []
+        open_dir = top / "open"  # others may rename what is in it
+        open_dir.mkdir()
+        open_dir.chmod(0o777)
+        result = cli("new", open_dir / "y_dev")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert f"'{open_dir}' is writable by others" in result.stderr
+        assert not (open_dir / "y_dev").exists()
+    finally:
+        shutil.rmtree(top)
 
 
 def test_missing_aaa_env_setup__says_what_to_create(tmp_path):
@@ -1088,11 +1300,13 @@ def test_check__each_fault_by_name(three_installations):
     name = "shop_qual"
     base = Path("/home/shop_qual")
     info = pwd.getpwnam(name)
-    wrapper = "#!/bin/sh\nexec /home/shop_dev/bin/python \"$@\"\n"
+    wrapper = "#!/bin/sh\nSTAGETOOLS_NAME=shop_dev exec /usr/bin/python3 \"$@\"\n"
     python = base / "bin" / "python"
     python_target = os.readlink(python)
     unit = Path(f"/etc/systemd/system/{name}.service")
     unit_text = unit.read_text()
+    key, database, media = base / "secret_key", base / "shop.sqlite", base / "media"
+    media_mode = stat.S_IMODE(media.stat().st_mode)
     faults = {
         "base_dir owner": (lambda: os.chown(base, 0, 0),
                            lambda: os.chown(base, info.pw_uid, info.pw_gid)),
@@ -1102,6 +1316,14 @@ def test_check__each_fault_by_name(three_installations):
                                  lambda: (base / "secret_key").chmod(0o600)),
         "actual name": (lambda: (python.unlink(), python.write_text(wrapper), python.chmod(0o755)),
                         lambda: (python.unlink(), python.symlink_to(python_target))),
+        # Others could read the sessions in the database, the uploads, the key.
+        "database_sqlite_path mode": (lambda: database.chmod(0o644),
+                                      lambda: database.chmod(0o600)),
+        "media_dir mode": (lambda: media.chmod(0o755), lambda: media.chmod(media_mode)),
+        "secret_key_path": (lambda: (key.rename(base / "away"), key.symlink_to(base / "away")),
+                            lambda: (key.unlink(), (base / "away").rename(key))),
+        "python_path": (lambda: (python.unlink(), python.mkdir()),  # a directory is no program
+                        lambda: (python.rmdir(), python.symlink_to(python_target))),
         f"unit {unit}": (lambda: unit.write_text(unit_text.replace("NoNewPrivileges=yes\n", "")),
                          lambda: unit.write_text(unit_text)),
         "user": (lambda: run(["userdel", name]),
@@ -1124,6 +1346,79 @@ def test_check__each_fault_by_name(three_installations):
     assert differences == {}
     table = cli("check", name, "--server", "hypercorn", "--core-repo", "other")
     assert table.returncode == 1 and "core_repo_dir" in table.stdout
+
+
+@contextlib.contextmanager
+def printed_at_start_up(name, data):
+    """The installation's Python prints ``data`` (bytes, or the Python expression that makes
+    them) and exits 0 before anything else runs: a .pth file in its virtualenv, as any
+    package the installation installs could add."""
+    site = Path(glob.glob(f"/home/{name}/lib/python3*/site-packages")[0])
+    pth = site / "zz_stagetools_test.pth"
+    expression = f"bytes.fromhex('{data.hex()}')" if isinstance(data, bytes) else data
+    pth.write_text(f"import os, sys; sys.stdout.buffer.write({expression}); "
+                   "sys.stdout.flush(); os._exit(0)\n")
+    try:
+        yield
+    finally:
+        pth.unlink()
+
+
+def hostile_answers():
+    """Answers shaped almost like the probe's: right keys with a wrong type, a key missing."""
+    real = show_json("shop_qual", "--expected", "--server", "hypercorn")
+    writable = {real[key]: True for key in ("static_dir", "media_dir", "run_dir")}
+    wrong_type = dict(real, is_debug="no")
+    missing = {key: value for key, value in real.items() if key != "database_name"}
+    extra = dict(real, evil="x")
+    bad_service = dict(real, services={"/etc/x": 1})
+    return [json.dumps({"system": system, "writable": writable}).encode()
+            for system in (wrong_type, missing, extra, bad_service)] + [
+        json.dumps({"system": real, "writable": {}}).encode(),
+        json.dumps({"system": real, "writable": dict.fromkeys(writable, "yes")}).encode(),
+        b'{"system": {}, "writable": {}}', b"\xff\xfe{}", b"[1, 2]", b"null", b""]
+
+
+@needs_deploy_tools
+@settings(max_examples=25, deadline=None)
+@given(printed=st.one_of(st.binary(max_size=300), st.sampled_from(range(11))))
+def test_check__whatever_the_installation_prints__exit_1_or_3_one_line(three_installations,
+                                                                      printed):
+    if isinstance(printed, int):
+        printed = hostile_answers()[printed]
+    with printed_at_start_up("shop_qual", printed):
+        result = cli("check", "shop_qual", "--server", "hypercorn")
+    assert result.returncode == 3, (printed, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "could not check shop_qual" in result.stderr
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout + result.stderr)
+
+
+@needs_deploy_tools
+def test_check__what_the_installation_says_is_escaped_and_bounded(three_installations):
+    real = show_json("shop_qual", "--expected", "--server", "hypercorn")
+    writable = {real[key]: True for key in ("static_dir", "media_dir", "run_dir")}
+    painted = json.dumps({"system": dict(real, core_app="\x1b[2J\x1b[31mowned"),
+                          "writable": writable}).encode()
+    with printed_at_start_up("shop_qual", painted):
+        table = cli("check", "shop_qual", "--server", "hypercorn")
+        as_json = cli("check", "shop_qual", "--server", "hypercorn", "--json")
+    assert table.returncode == 1 and "actual core_app" in table.stdout
+    assert "\x1b" not in table.stdout and "\\x1b[2J" in table.stdout
+    assert as_json.returncode == 1 and "\x1b" not in as_json.stdout
+    # The peak of this process alone: VmHWM starts afresh at exec, unlike ru_maxrss.
+    measure = ("import re, sys, stagetools\n"
+               "code = stagetools.main(['check', 'shop_qual', '--server', 'hypercorn'])\n"
+               "status = open('/proc/self/status').read()\n"
+               "print(re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n"
+               "sys.exit(code)\n")
+    with printed_at_start_up("shop_qual", "b'x' * (150 << 20)"):
+        started = time.monotonic()
+        result = run([sys.executable, "-c", measure], check=False, cwd=HERE)
+        seconds = time.monotonic() - started
+    *message, peak_kib = result.stderr.splitlines()
+    assert result.returncode == 3 and "printed more than" in message[-1]
+    assert int(peak_kib) < 100_000 and seconds < 30, (peak_kib, seconds)
 
 
 def socket_activated(expected, env, log, stack):
