@@ -1319,7 +1319,13 @@ def _cmd_new(args):
                                            framework=args.framework)
     _refuse_a_directory_others_could_swap(directory)
     starter = _render_starter(system, args.database)
-    created = not directory.exists()
+    created = not os.path.lexists(directory)
+    if created:  # made here, before anyone else can: in /tmp another user could be quicker
+        try:
+            os.mkdir(directory, 0o700)
+        except OSError as error:
+            raise StagetoolsError(f"cannot create '{directory}': {error.strerror}; choose a "
+                                  "new directory") from None
     # Everything new makes is its user's alone (the database, the key, the venv); nginx
     # reads static/ only, and Django's storage gives the files there their own modes.
     umask = os.umask(0o077)
