@@ -20,6 +20,10 @@ socket_path            ``/run/shop_prod/shop_prod.sock``
 ``get_actual_system_from_name`` says what this process runs in. Comparing the
 two (``System.differences``) tells whether an installation was built right.
 Standard library only: copy this file into a repo, symlink it, or pip install.
+
+The file reads top to bottom: constants and the naming rules, errors, the
+System, resolvers and the secret key, renderers, checks, the command line, and
+last the templates of every file stagetools writes or renders.
 """
 
 # Only os and sys at import time: everything else is imported where it is used, so
@@ -33,18 +37,17 @@ __all__ = sorted([
     "STAGES", "STAGE_DEV", "STAGE_INT", "STAGE_PROD", "STAGE_QUAL",
     "Stage", "StagetoolsError", "System",
     "get_actual_system_from_name", "get_expected_system_from_name",
-    "check_installation", "database_url", "flask_config", "main", "parse_name", "read_secret_key",
-    "starlette_config",
+    "check_installation", "database_url", "django_database", "flask_config", "main",
+    "parse_name", "read_secret_key", "render_starter", "starlette_config",
 ])
 
-# ---------------------------------------------------------------- constants
+
+# ---------------------------------------------------------------- constants and the naming rules
 
 
 class Stage(int):
-    """The stage of an installation: an int with the levels of the original stagetools.
-
-    Its four values are ``Stage.PROD`` (0), ``QUAL`` (1), ``INT`` (2) and ``DEV`` (3).
-    """
+    """The stage of an installation, an int: ``Stage.PROD`` (0), ``QUAL`` (1), ``INT`` (2)
+    and ``DEV`` (3)."""
 
     __slots__ = ()
 
@@ -71,102 +74,130 @@ _STAGE_BY_LETTER = {stage.label[0]: stage for stage in STAGES}
 
 # Unix user names (useradd) allow 32 characters; the name is also a user.
 NAME_MAX_LENGTH = 32
-# Containers have no virtualenv named like the installation: they set this.
-ENV_NAME = "STAGETOOLS_NAME"
-DJANGO_PROJECT = "stagetools_project"
-FRAMEWORKS = ("django", "flask", "starlette")
-SERVERS = ("gunicorn", "uvicorn", "hypercorn")
-DATABASES = ("sqlite", "postgresql")
-# The servers each framework runs on, the default first: Flask is WSGI, Starlette ASGI.
-_SERVERS_OF = {"django": SERVERS, "flask": ("gunicorn",),
-               "starlette": ("uvicorn", "hypercorn")}
 _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_EXAMPLE_NAME = "shop_prod"
+_USE_NAME_CHARACTERS = "use a-z, 0-9 and _ only"
 # Characters a base dir may have: none of them means anything to systemd (% $ space \)
 # or to nginx (; { } $ quotes), so a base dir is written into units and sites as it is.
 _PATH_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                              "0123456789/._-")
-_EXAMPLE_NAME = "shop_prod"
-_USE_NAME_CHARACTERS = "use a-z, 0-9 and _ only"
+# Containers have no virtualenv named like the installation: they set this.
+ENV_NAME = "STAGETOOLS_NAME"
+DJANGO_PROJECT = "stagetools_project"
+
+# The frameworks: the servers each runs on (the default first) and what its repo installs.
+FRAMEWORKS = {
+    "django": {"servers": ("gunicorn", "uvicorn", "hypercorn"),
+               "requirements": ["Django>=4.2", "gunicorn", "uvicorn", "hypercorn"]},
+    "flask": {"servers": ("gunicorn",), "requirements": ["Flask", "gunicorn"]},
+    "starlette": {"servers": ("uvicorn", "hypercorn"),
+                  "requirements": ["starlette", "itsdangerous", "uvicorn", "hypercorn"]},
+}
+# The servers: the interface they serve, how systemd knows they are ready, and how each
+# is told to listen on systemd's socket (fd 3) or on a host and port.
+SERVERS = {
+    "gunicorn": {"interface": "wsgi", "service_type": "notify",  # it tells systemd itself
+                 "on_socket": [],  # it takes LISTEN_FDS by itself
+                 "on_port": ["--bind", "{host}:{port}"]},
+    "uvicorn": {"interface": "asgi", "service_type": "exec",
+                "on_socket": ["--fd", "3"], "on_port": ["--host", "{host}", "--port", "{port}"]},
+    "hypercorn": {"interface": "asgi", "service_type": "exec",
+                  "on_socket": ["--bind", "fd://3"], "on_port": ["--bind", "{host}:{port}"]},
+}
+# The databases: Django's engine for each and what a repo on it installs.
+DATABASES = {
+    "sqlite": {"django_engine": "django.db.backends.sqlite3", "requirements": []},
+    "postgresql": {"django_engine": "django.db.backends.postgresql",
+                   "requirements": ["psycopg[binary]"]},
+}
+
 _SECRET_KEY_MIN_LENGTH = 50
 _SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
+_SYSTEM_UNIT_DIR = "/etc/systemd/system"
+_TMPFILES_DIR = "/etc/tmpfiles.d"
+_NGINX_DIR = "/etc/nginx/sites-available"
+# The group of the web server: it alone, besides root, may connect to the sockets.
+_WEB_GROUP = "www-data"
 _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
+_PROBE_OUTPUT_LIMIT = 1 << 20  # bytes an installation may print to `check`; an answer is ~10 KiB
+_PROBE_TIMEOUT = 60  # seconds
 
 
 # ---------------------------------------------------------------- errors
 
 
 class StagetoolsError(ValueError):
-    """Every refusal of stagetools: the message names the input, the rule and the fix."""
+    """Every refusal of stagetools: what was given, the rule it breaks, and the fix."""
+
+    def __init__(self, given, rule, fix=None):
+        super().__init__(given, rule, fix)
+        self.given, self.rule, self.fix = given, rule, fix
+
+    def __str__(self):
+        return f"{self.given}: {self.rule}" + (f"; {self.fix}" if self.fix else "")
 
 
 class _CouldNotCheck(StagetoolsError):
     """The installation gave no usable answer: exit code 3, not "bad input"."""
 
 
-def _refuse_name(name, rule, fix=f"for example {_EXAMPLE_NAME!r}"):
-    error = StagetoolsError(f"invalid installation name {name!r}: {rule}; {fix}")
-    error.rule = rule  # for listing what each name source held
-    raise error
-
-
-# ---------------------------------------------------------------- the system
-
-
 def parse_name(name):
     """Split an installation name into (configuration, stage_name, stage), or refuse it."""
+    def refuse(rule, fix=f"for example {_EXAMPLE_NAME!r}"):
+        raise StagetoolsError(f"invalid installation name {name!r}", rule, fix)
+
     if not isinstance(name, str):
-        _refuse_name(name, "a name is a string")
+        refuse("a name is a string")
     if not name:
-        _refuse_name(name, "the name is empty",
-                     f"give <configuration>_<stage_name>, for example {_EXAMPLE_NAME!r}")
+        refuse("the name is empty", f"give <configuration>_<stage_name>, for example "
+               f"{_EXAMPLE_NAME!r}")
     if len(name) > NAME_MAX_LENGTH:
-        _refuse_name(name, f"it has {len(name)} characters, more than the {NAME_MAX_LENGTH} "
-                     "a Unix user name allows", "shorten the configuration or the stage name")
+        refuse(f"it has {len(name)} characters, more than the {NAME_MAX_LENGTH} a Unix user "
+               "name allows", "shorten the configuration or the stage name")
     if not name.isascii():
-        _refuse_name(name, "it has non-ASCII characters; a name is also a Unix user and a "
-                     "PostgreSQL role", _USE_NAME_CHARACTERS)
+        refuse("it has non-ASCII characters; a name is also a Unix user and a PostgreSQL role",
+               _USE_NAME_CHARACTERS)
     if any(char.isspace() for char in name):
-        _refuse_name(name, "it has whitespace", _USE_NAME_CHARACTERS)
+        refuse("it has whitespace", _USE_NAME_CHARACTERS)
     if any(char in "/\\.:" for char in name):
-        _refuse_name(name, "it has path characters (/ \\ . :)", _USE_NAME_CHARACTERS)
+        refuse("it has path characters (/ \\ . :)", _USE_NAME_CHARACTERS)
     if name.lower() != name:
-        _refuse_name(name, "it has uppercase letters; Unix user names are lowercase",
-                     f"use {name.lower()!r}")
+        refuse("it has uppercase letters; Unix user names are lowercase", f"use {name.lower()!r}")
     bad = sorted(set(name) - _NAME_CHARACTERS)
     if bad:
-        _refuse_name(name, f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS)
+        refuse(f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS)
     if name.startswith("pg_"):
-        _refuse_name(name, "PostgreSQL reserves role names that start with 'pg_'",
-                     f"for example {'my' + name!r}")
+        refuse("PostgreSQL reserves role names that start with 'pg_'",
+               f"for example {'my' + name!r}")
     configuration, underscore, stage_name = name.rpartition("_")
     if not underscore:
-        _refuse_name(name, "it has no underscore between configuration and stage name",
-                     f"for example {name + '_dev'!r}")
+        refuse("it has no underscore between configuration and stage name",
+               f"for example {name + '_dev'!r}")
     if not stage_name:
-        _refuse_name(name, "the stage name after the last underscore is empty",
-                     f"for example {name + 'prod'!r}")
+        refuse("the stage name after the last underscore is empty",
+               f"for example {name + 'prod'!r}")
     if not configuration.strip("_"):
-        _refuse_name(name, "the configuration before the last underscore is empty",
-                     f"for example {'shop_' + stage_name!r}")
+        refuse("the configuration before the last underscore is empty",
+               f"for example {'shop_' + stage_name!r}")
     if not name[0].isalpha():
-        _refuse_name(name, "it must start with a letter")
+        refuse("it must start with a letter")
     stage = _STAGE_BY_LETTER.get(stage_name[0])
     if stage is None:
-        _refuse_name(name, f"the stage name {stage_name!r} does not start with a stage letter "
-                     "(p prod, q qual, i int, d dev)", f"for example {configuration + '_prod'!r}")
+        refuse(f"the stage name {stage_name!r} does not start with a stage letter "
+               "(p prod, q qual, i int, d dev)", f"for example {configuration + '_prod'!r}")
     return configuration, stage_name, stage
 
 
-def _check_identifier(kind, value):
+def _valid_identifier(kind, value):
     import keyword
     if not (isinstance(value, str) and value.isidentifier() and value.isascii()
             and not keyword.iskeyword(value)):
-        raise StagetoolsError(f"invalid {kind} {value!r}: it must be a Python identifier "
-                              f"(a-z, A-Z, 0-9, _; not a keyword), for example 'shop'")
+        raise StagetoolsError(f"invalid {kind} {value!r}", "it must be a Python identifier "
+                              "(a-z, A-Z, 0-9, _; not a keyword)", "for example 'shop'")
     return value
 
 
-def _check_base_dir(base_dir, name):
+def _valid_base_dir(base_dir, name):
     """The base dir as it is written into units and sites, or a refusal."""
     base_dir = os.fspath(base_dir)
     if os.name != "posix":  # Windows is for development: nothing there is rendered for use
@@ -183,28 +214,108 @@ def _check_base_dir(base_dir, name):
         rule = f"it is not normalised: write {os.path.normpath(base_dir).replace('//', '/')!r}"
     else:
         return base_dir
-    raise StagetoolsError(f"invalid base_dir {base_dir!r}: {rule}; for example '/home/{name}'")
+    raise StagetoolsError(f"invalid base_dir {base_dir!r}", rule, f"for example '/home/{name}'")
 
 
-def _check_choice(kind, value, choices):
+def _valid_choice(kind, value, choices):
     if value not in choices:
-        raise StagetoolsError(f"invalid {kind} {value!r}: choose one of {', '.join(choices)}")
+        raise StagetoolsError(f"invalid {kind} {value!r}", f"choose one of {', '.join(choices)}")
     return value
+
+
+# ---------------------------------------------------------------- the system
+
+
+class _Field:
+    """One attribute of a System: its value as resolved."""
+
+    def __init__(self, meaning):
+        self.__doc__ = meaning
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, system, owner=None):
+        return self if system is None else system._values[self.name]
+
+
+class _PathField(_Field):
+    """A path attribute: a ``pathlib.Path``, made on first read (no pathlib import before)."""
+
+    def __get__(self, system, owner=None):
+        if system is None:
+            return self
+        from pathlib import Path
+        value = system.__dict__[self.name] = Path(system._values[self.name])  # read once
+        return value
+
+
+class _ProcessField(_Field):
+    """``user`` or ``group``: given, or this process's, looked up on first read (pwd and grp
+    cost more than the rest of resolving, and settings never need them)."""
+
+    def __get__(self, system, owner=None):
+        return self if system is None else system._complete()[self.name]
 
 
 class System:
     """An installation: everything that follows from its name. Immutable.
 
-    Path attributes are ``pathlib.Path`` objects, made on first access so that
-    resolving a system costs no pathlib import. ``user`` and ``group`` given as
-    None are this process's, looked up on first use: pwd and grp cost more than
-    the rest of resolving, and settings never need them. Holds no secret: the
-    secret key stays in the file at ``secret_key_path``.
+    Holds no secret: the secret key stays in the file at ``secret_key_path``.
+    ``System.FIELDS`` lists the attributes in order; ``as_dict()`` gives them all.
     """
 
+    # identity
+    name = _Field("the installation's name, e.g. 'shop_prod'")
+    name_source = _Field("where the name came from: 'argument', 'virtualenv /home/shop_prod', ...")
+    user = _ProcessField("the Unix user the installation runs as")
+    group = _ProcessField("the Unix group of that user")
+    container = _Field("the name with - for _, for host and container names: 'shop-prod'")
+    configuration = _Field("the name before its last underscore: 'shop'")
+    stage_name = _Field("the name after its last underscore: 'prod', 'p2', 'dsven'")
+    stage = _Field("the Stage: the stage name's first letter")
+    core_repo = _Field("the repo below src/: the configuration unless given")
+    core_app = _Field("the main Python package: the core repo unless given")
+    is_debug = _Field("whether DEBUG is on: DEV and INT only")
+    framework = _Field("'django', 'flask' or 'starlette'")
+    server = _Field("'gunicorn', 'uvicorn' or 'hypercorn'")
+    # paths
+    base_dir = _PathField("the installation's directory, its virtualenv: /home/shop_prod")
+    venv_dir = _PathField("the virtualenv: the base dir (for your code; stagetools reads base_dir)")
+    bin_dir = _PathField("the virtualenv's bin/")
+    lib_dir = _PathField("the virtualenv's lib/ (for your code)")
+    src_dir = _PathField("src/, where the repos are")
+    python_path = _PathField("the virtualenv's Python")
+    pip_path = _PathField("the virtualenv's pip")
+    core_repo_dir = _PathField("the repo: src/<core_repo>")
+    static_url = _Field("the URL prefix of static files: 'static/'")
+    static_dir = _PathField("where collectstatic puts static files; nginx serves them")
+    media_url = _Field("the URL prefix of uploads: 'media/'")
+    media_dir = _PathField("where uploads go; nginx serves them to the web, nobody else reads them")
+    run_dir = _PathField("/run/<name>, the directory of the socket")
+    socket_path = _PathField("the Unix socket nginx connects to, held by systemd")
+    secret_key_path = _PathField("the file of the secret key, the user's alone")
+    # entry points
+    application_name = _Field("the entry points' attribute name: 'application' (for your code)")
+    asgi_module = _Field("the module of the ASGI entry point (for your code)")
+    asgi_application = _Field("the ASGI entry point: 'module:attribute'")
+    wsgi_module = _Field("the module of the WSGI entry point (for your code)")
+    wsgi_application = _Field("the WSGI entry point: 'module:attribute'")
+    # Django
+    django_project = _Field("the settings package: 'stagetools_project' (for your code)")
+    django_settings = _Field("DJANGO_SETTINGS_MODULE")
+    django_rooturls = _Field("ROOT_URLCONF")
+    django_wsgi_application = _Field("WSGI_APPLICATION, in Django's dotted form")
+    manage_py_path = _PathField("the repo's manage.py")
+    # database
+    database_name = _Field("the PostgreSQL database: the name")
+    database_user = _Field("the PostgreSQL role: the name")
+    database_sqlite_path = _PathField("the SQLite database: <base_dir>/<core_repo>.sqlite")
+    database_socket_dir = _PathField("PostgreSQL's socket directory")
+
     def __init__(self, **values):
-        if set(values) != set(_FIELDS):
-            raise TypeError(f"System needs exactly the fields {', '.join(_FIELDS)}")
+        if set(values) != set(self.FIELDS):
+            raise TypeError(f"System needs exactly the fields {', '.join(self.FIELDS)}")
         object.__setattr__(self, "_values", values)
 
     def _complete(self):
@@ -213,18 +324,8 @@ class System:
             values["user"], values["group"] = _process_user_and_group()
         return values
 
-    def __getattr__(self, name):
-        if name.startswith("_"):  # copy and pickle look for hooks before _values exists
-            raise AttributeError(name)
-        try:
-            value = (self._complete() if name in ("user", "group") else self._values)[name]
-        except KeyError:
-            raise AttributeError(f"System has no attribute {name!r}") from None
-        if name in _PATH_FIELDS:
-            from pathlib import Path
-            value = Path(value)
-            object.__setattr__(self, name, value)
-        return value
+    def __getattr__(self, name):  # only for names no field has: copy and pickle ask for hooks
+        raise AttributeError(f"System has no attribute {name!r}")
 
     def __setattr__(self, name, value):
         raise AttributeError(f"System is immutable: cannot set {name!r}")
@@ -236,10 +337,13 @@ class System:
 
     def __hash__(self):
         values = self._complete()
-        return hash(tuple(values[name] for name in _FIELDS))
+        return hash(tuple(values[name] for name in self.FIELDS))
 
-    def __dir__(self):
-        return sorted(set(super().__dir__()) | set(_FIELDS))
+    def __getstate__(self):
+        return self._complete()
+
+    def __setstate__(self, values):
+        object.__setattr__(self, "_values", values)
 
     def __repr__(self):
         return (f"System(name={self.name!r}, stage={self.stage.label}, user={self.user!r}, "
@@ -253,7 +357,7 @@ class System:
     def as_dict(self):
         """A JSON-ready dict: paths as strings, the stage as 'prod', 'qual', 'int' or 'dev'."""
         values = self._complete()
-        result = {name: values[name] for name in _FIELDS}
+        result = {name: values[name] for name in self.FIELDS}
         result["stage"] = self.stage.label
         result["services"] = self.services
         return result
@@ -262,48 +366,29 @@ class System:
         """The fields where ``other`` differs: a list of (field, this value, other value),
         the values as in ``as_dict()`` (paths as strings) but the stage a ``Stage``."""
         mine, theirs = self._complete(), other._complete()
-        return [(name, mine[name], theirs[name]) for name in _FIELDS
+        return [(name, mine[name], theirs[name]) for name in self.FIELDS
                 if name not in ignore and mine[name] != theirs[name]]
 
 
-_FIELDS = (
-    # identity
-    "name", "name_source", "user", "group", "container", "configuration", "stage_name",
-    "stage", "core_repo", "core_app", "is_debug", "framework", "server",
-    # paths
-    "base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path", "pip_path",
-    "core_repo_dir", "static_url", "static_dir", "media_url", "media_dir", "run_dir",
-    "socket_path", "secret_key_path",
-    # entry points
-    "application_name", "asgi_module", "asgi_application", "wsgi_module", "wsgi_application",
-    # Django
-    "django_project", "django_settings", "django_rooturls", "django_wsgi_application",
-    "manage_py_path",
-    # database
-    "database_name", "database_user", "database_sqlite_path", "database_socket_dir",
-)
-_PATH_FIELDS = frozenset(name for name in _FIELDS if name.endswith(("_dir", "_path")))
+System.FIELDS = tuple(name for name, value in vars(System).items() if isinstance(value, _Field))
 
 
 def _build_system(name, name_source, base_dir, user, group,
                   core_repo=None, core_app=None, framework=None, server=None):
     configuration, stage_name, stage = parse_name(name)
-    core_repo = _check_identifier("core_repo", core_repo or configuration)
-    core_app = _check_identifier("core_app", core_app or core_repo)
-    framework = _check_choice("framework", framework or "django", FRAMEWORKS)
-    server = _check_choice(f"server for {framework}", server or _SERVERS_OF[framework][0],
-                           _SERVERS_OF[framework])
-    base_dir = _check_base_dir(base_dir, name)
+    core_repo = _valid_identifier("core_repo", core_repo or configuration)
+    core_app = _valid_identifier("core_app", core_app or core_repo)
+    framework = _valid_choice("framework", framework or "django", FRAMEWORKS)
+    servers = FRAMEWORKS[framework]["servers"]
+    server = _valid_choice(f"server for {framework}", server or servers[0], servers)
+    base_dir = _valid_base_dir(base_dir, name)
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
-    if framework == "django":
-        entry_module = "stagetools_django"
-        asgi_application = f"{entry_module}:asgi_application"
-        wsgi_application = f"{entry_module}:wsgi_application"
-    else:
-        entry_module = core_app
-        asgi_application = wsgi_application = f"{entry_module}:application"
+    entry_module = "stagetools_django" if framework == "django" else core_app
+    asgi_application, wsgi_application = (
+        (f"{entry_module}:asgi_application", f"{entry_module}:wsgi_application")
+        if framework == "django" else (f"{entry_module}:application",) * 2)
     return System(
         name=name, name_source=name_source, user=user, group=group,
         container=name.replace("_", "-"), configuration=configuration,
@@ -328,7 +413,7 @@ def _build_system(name, name_source, base_dir, user, group,
     )
 
 
-# ---------------------------------------------------------------- resolvers
+# ---------------------------------------------------------------- resolvers and the secret key
 
 
 def _process_user_and_group():
@@ -344,10 +429,11 @@ def _process_user_and_group():
         group = grp.getgrgid(gid).gr_name
     except KeyError:
         group = str(gid)
-    return _user_name(pwd, os.geteuid()), group
+    return _user_name(os.geteuid()), group
 
 
-def _user_name(pwd, uid):
+def _user_name(uid):
+    import pwd
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:  # containers run uids that /etc/passwd does not know
@@ -382,7 +468,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
 
     The name comes from, in order: the argument, the environment variable
     ``STAGETOOLS_NAME``, the directory of the running virtualenv (``sys.prefix``),
-    the nearest directory above this file named like an installation. The
+    the nearest virtualenv above this file named like an installation. The
     ``name_source`` attribute says which one was used.
     """
     prefix = os.path.normpath(sys.prefix)
@@ -397,13 +483,14 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
         try:
             parse_name(name)
         except StagetoolsError as error:
-            raise StagetoolsError(f"environment variable {ENV_NAME}: {error}") from None
+            raise StagetoolsError(f"environment variable {ENV_NAME}: {error.given}", error.rule,
+                                  error.fix) from None
         venv_name = basename(prefix)
         if _name_problem(venv_name) is None and venv_name != name:
             # A DEV name in a PROD virtualenv would turn DEBUG on next to PROD's data.
-            raise StagetoolsError(
-                f"{ENV_NAME}={name!r} contradicts the virtualenv '{prefix}' of the "
-                f"installation {venv_name!r}; unset {ENV_NAME} or set it to {venv_name!r}")
+            raise StagetoolsError(f"{ENV_NAME}={name!r}", f"it contradicts the virtualenv "
+                                  f"'{prefix}' of the installation {venv_name!r}",
+                                  f"unset {ENV_NAME} or set it to {venv_name!r}")
         source = f"environment {ENV_NAME}"
     else:
         tried.append("argument: not given")
@@ -423,9 +510,9 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
                 tried.append(f"module path '{module_dirs[0]}': no virtualenv above it is "
                              "named like an installation")
     if name is None:
-        raise StagetoolsError("cannot tell the installation name; tried " + "; ".join(tried)
-                              + f". Fix: set {ENV_NAME}=shop_dev, or run from a virtualenv "
-                              "whose directory is named like the installation (/home/shop_dev)")
+        raise StagetoolsError("cannot tell the installation name", "tried " + "; ".join(tried),
+                              f"set {ENV_NAME}=shop_dev, or run from a virtualenv whose "
+                              "directory is named like the installation (/home/shop_dev)")
     base_dir = prefix if basename(prefix) == name else next(
         (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
         prefix)
@@ -444,8 +531,8 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
         try:
             parse_name(name)
         except StagetoolsError as error:
-            raise StagetoolsError(f"login name of this process: {error}; or give the "
-                                  "installation name") from None
+            raise StagetoolsError(f"the login name of this process: {error.given}", error.rule,
+                                  "give the installation name") from None
     return _build_system(name, source, base_dir or f"/home/{name}", name, name,
                          core_repo, core_app, framework, server)
 
@@ -469,7 +556,7 @@ def read_secret_key(system):
 def _read_secret_file(path):
     import errno
     import stat
-    remove = f"remove it (rm -- '{path}'): a new key is made"
+    given, remove = f"the secret key file '{path}'", f"remove it (rm -- '{path}'): a new key is made"
     # No link followed, no wait on a FIFO: look at what is there before reading it.
     flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
              | getattr(os, "O_NOCTTY", 0))
@@ -479,25 +566,20 @@ def _read_secret_file(path):
         raise
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise StagetoolsError(f"the secret key file '{path}' is a symbolic link; "
-                                  f"{remove}") from None
-        raise StagetoolsError(f"cannot open the secret key file '{path}': {error.strerror}; "
+            raise StagetoolsError(given, "it is a symbolic link", remove) from None
+        raise StagetoolsError(given, f"cannot open it: {error.strerror}",
                               "run as the installation's user") from None
     try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
-            raise StagetoolsError(f"the secret key file '{path}' is not a regular file; "
-                                  f"{remove}")
+            raise StagetoolsError(given, "it is not a regular file", remove)
         if os.name == "posix" and info.st_uid != os.geteuid():
-            import pwd
-            raise StagetoolsError(
-                f"the secret key file '{path}' belongs to {_user_name(pwd, info.st_uid)!r}, "
-                f"not to {_user_name(pwd, os.geteuid())!r}: run as the installation's user, "
-                f"or {remove}")
+            raise StagetoolsError(given, f"it belongs to {_user_name(info.st_uid)!r}, not to "
+                                  f"{_user_name(os.geteuid())!r}",
+                                  f"run as the installation's user, or {remove}")
         if os.name == "posix" and info.st_mode & 0o077:
-            raise StagetoolsError(f"the secret key file '{path}' has mode "
-                                  f"{info.st_mode & 0o777:o}: other users can read it; fix, "
-                                  f"as its owner: chmod 600 '{path}'")
+            raise StagetoolsError(given, f"it has mode {info.st_mode & 0o777:o}: other users can "
+                                  "read it", f"as its owner: chmod 600 '{path}'")
         data = b""
         while len(data) <= _SECRET_KEY_MAX_BYTES:
             chunk = os.read(descriptor, _SECRET_KEY_MAX_BYTES + 1 - len(data))
@@ -505,21 +587,19 @@ def _read_secret_file(path):
                 break
             data += chunk
     except OSError as error:
-        raise StagetoolsError(f"cannot read the secret key file '{path}': "
-                              f"{error.strerror}") from None
+        raise StagetoolsError(given, f"cannot read it: {error.strerror}",
+                              "run as the installation's user") from None
     finally:
         os.close(descriptor)
     if len(data) > _SECRET_KEY_MAX_BYTES:
-        raise StagetoolsError(f"the secret key file '{path}' holds more than "
-                              f"{_SECRET_KEY_MAX_BYTES} bytes; {remove}")
+        raise StagetoolsError(given, f"it holds more than {_SECRET_KEY_MAX_BYTES} bytes", remove)
     try:
         key = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise StagetoolsError(f"the secret key file '{path}' is not UTF-8 text; "
-                              f"{remove}") from None
+        raise StagetoolsError(given, "it is not UTF-8 text", remove) from None
     if len(key) < _SECRET_KEY_MIN_LENGTH:
-        raise StagetoolsError(f"the secret key file '{path}' holds {len(key)} characters, fewer "
-                              f"than {_SECRET_KEY_MIN_LENGTH}; {remove}")
+        raise StagetoolsError(given, f"it holds {len(key)} characters, fewer than "
+                              f"{_SECRET_KEY_MIN_LENGTH}", remove)
     return key
 
 
@@ -529,10 +609,11 @@ def _create_secret_file(path):
     key = secrets.token_urlsafe(64)
     directory, filename = os.path.split(path)
     temporary = os.path.join(directory, f".{filename}.{os.getpid()}.{secrets.token_hex(4)}")
+    given = f"cannot create the secret key file '{path}'"
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as error:
-        raise StagetoolsError(f"cannot create the secret key file '{path}': {error.strerror}; "
+        raise StagetoolsError(given, error.strerror,
                               f"the directory '{directory}' must exist and be writable") from None
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
@@ -543,19 +624,29 @@ def _create_secret_file(path):
     except FileExistsError:
         pass  # another process made the key first; everybody uses that one
     except OSError as error:  # a full disk, a file system without hard links
-        raise StagetoolsError(f"cannot create the secret key file '{path}': {error.strerror}; "
-                              "its file system must have space and support hard links") from None
+        raise StagetoolsError(given, error.strerror, "its file system must have space and "
+                              "support hard links") from None
     finally:
         os.unlink(temporary)
 
 
 def database_url(system, database="sqlite"):
     """The database URL of the installation, for apps that take one (Flask, Starlette)."""
-    if _check_choice("database", database, DATABASES) == "sqlite":
+    if _valid_choice("database", database, DATABASES) == "sqlite":
         return f"sqlite:///{system.database_sqlite_path}"
     # Peer authentication over the local socket: a user, no password, no TCP host.
     return (f"postgresql://{system.database_user}@/{system.database_name}"
             f"?host={_database_host(system)}")
+
+
+def django_database(system, database="sqlite"):
+    """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
+    with the installation's database and role by peer authentication (no password)."""
+    engine = DATABASES[_valid_choice("database", database, DATABASES)]["django_engine"]
+    if database == "sqlite":
+        return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
+    return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
+            "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
 
 
 def _database_host(system):
@@ -589,18 +680,639 @@ def starlette_config(system, database="sqlite"):
 # ---------------------------------------------------------------- renderers
 
 
-_SYSTEM_UNIT_DIR = "/etc/systemd/system"
-_TMPFILES_DIR = "/etc/tmpfiles.d"
-_NGINX_DIR = "/etc/nginx/sites-available"
-# The group of the web server: it alone, besides root, may connect to the sockets.
-_WEB_GROUP = "www-data"
+def _fill(template, **values):
+    """A template of this module (the last section) with its ``$placeholders`` filled in;
+    ``$$`` is a literal ``$``."""
+    import string
+    return string.Template(template).substitute(values)
+
+
+def _server_command(system, host=None, port=None):
+    """The command that serves the installation: on systemd's socket, or on host:port."""
+    server = SERVERS[system.server]
+    application = system.wsgi_application if server["interface"] == "wsgi" \
+        else system.asgi_application
+    where = server["on_socket"] if host is None else \
+        [part.format(host=host, port=port) for part in server["on_port"]]
+    return [str(system.bin_dir / system.server), *where, application]
+
+
+def _render_units(system, user_unit):
+    """The .socket and .service of a system unit, or of a user unit (no root, no nginx)."""
+    import shlex
+    if user_unit:
+        socket_path, socket_access = f"%t/{system.name}/{system.name}.sock", _USER_SOCKET_ACCESS
+        identity, wanted_by = "", "default"
+        hardening = "".join(line + "\n" for line in _HARDENING.splitlines()
+                            if line.partition("=")[0] in _USER_UNIT_DIRECTIVES)
+    else:
+        socket_path, socket_access = system.socket_path, _fill(_SYSTEM_SOCKET_ACCESS,
+                                                               web_group=_WEB_GROUP)
+        identity, wanted_by = f"User={system.user}\nGroup={system.group}\n", "multi-user"
+        hardening = _fill(_HARDENING, base_dir=system.base_dir)
+    socket = _fill(_SOCKET_UNIT, name=system.name, socket_path=socket_path,
+                   socket_access=socket_access)
+    service = _fill(_SERVICE_UNIT, name=system.name, server=system.server,
+                    service_type=SERVERS[system.server]["service_type"], identity=identity,
+                    core_repo_dir=system.core_repo_dir,
+                    exec_start=shlex.join(_server_command(system)), hardening=hardening,
+                    wanted_by=wanted_by)
+    return socket, service
+
+
+def _render_services(system):
+    """The files of an installation outside its repo: absolute path -> text."""
+    socket, service = _render_units(system, user_unit=False)
+    user_socket, user_service = _render_units(system, user_unit=True)
+    name = system.name
+    user_dir = os.path.join(system.base_dir, ".config", "systemd", "user")
+    return {
+        f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
+        f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
+        f"{_TMPFILES_DIR}/{name}.conf": _fill(_TMPFILES, run_dir=system.run_dir,
+                                             media_dir=system.media_dir, user=system.user,
+                                             web_group=_WEB_GROUP),
+        f"{_NGINX_DIR}/{name}.conf": _fill(
+            _NGINX_SITE, name=name, socket_path=system.socket_path,
+            server_name=f"{system.container}.localhost", static_url=system.static_url,
+            static_dir=system.static_dir, media_url=system.media_url, media_dir=system.media_dir),
+        os.path.join(user_dir, f"{name}.socket"): user_socket,
+        os.path.join(user_dir, f"{name}.service"): user_service,
+    }
+
+
+def render_starter(system, database="sqlite"):
+    """The files of a new repo for the installation, as ``new`` writes them below
+    ``core_repo_dir``: relative path -> text."""
+    import json
+    django = system.framework == "django"
+    modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
+    arguments = [f"{key}={json.dumps(value)}" for key, value, default in [
+        ("core_repo", system.core_repo, system.configuration),
+        ("core_app", system.core_app, system.core_repo),
+        ("framework", system.framework, "django")] if value != default]
+    values = dict(
+        core_repo=system.core_repo, core_app=system.core_app, database=database,
+        requirements=json.dumps(FRAMEWORKS[system.framework]["requirements"]
+                                + DATABASES[_valid_choice("database", database, DATABASES)]
+                                ["requirements"]),
+        py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
+                              + [module[:-3] for module in modules]),
+        system_arguments=", ".join(arguments),
+        imports="import os\n\n" if django else "",
+        settings_line='os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)\n'
+        if django else "")
+    templates = {"setup.py": _STARTER_SETUP, "aaa_env_setup.py": _STARTER_ENV_SETUP,
+                 **_STARTER_FILES[system.framework]}
+    files = {_fill(path, **values): _fill(text, **values) for path, text in templates.items()}
+    here = os.path.dirname(os.path.realpath(__file__))
+    for module in modules:
+        with open(os.path.join(here, module), encoding="utf-8") as file:
+            files[module] = file.read()
+    return files
+
+
+# ---------------------------------------------------------------- checks
+#
+# Each check looks at one part of an installation and returns its facts, each fact a tuple
+# (what, expected, actual); a fact holds when actual is expected. Checks change nothing.
+
+_DIRECTORY, _REGULAR_FILE, _MISSING = "a directory", "a regular file", "missing"
+_NO_ACCESS_FOR_GROUP_AND_OTHERS, _NO_ACCESS_FOR_OTHERS = \
+    "no access for group and others", "no access for others"
+
+
+def _fact(what, expected, holds, actual):
+    return (what, expected, expected if holds else actual)
+
+
+def _file_kind(path):
+    """'a directory', 'a regular file', 'a symbolic link', ... or 'missing'; links not followed."""
+    import stat
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return _MISSING
+    for test, kind in ((stat.S_ISREG, _REGULAR_FILE), (stat.S_ISDIR, _DIRECTORY),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _exists(lookup, name):
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _is_executable_file(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _check_user_and_group(expected):
+    """The installation's user and group exist."""
+    import grp
+    import pwd
+    return [_fact("user", expected.user, _exists(pwd.getpwnam, expected.user), _MISSING),
+            _fact("group", expected.group, _exists(grp.getgrnam, expected.group), _MISSING)]
+
+
+def _check_base_dir(expected):
+    """The base dir is the user's, and nobody else may write to it."""
+    kind = _file_kind(expected.base_dir)
+    if kind != _DIRECTORY:
+        return [_fact("base_dir", _DIRECTORY, False, kind)]
+    info = expected.base_dir.stat()
+    return [_fact("base_dir owner", expected.user, _user_name(info.st_uid) == expected.user,
+                  _user_name(info.st_uid)),
+            _fact("base_dir mode", "not world-writable", not info.st_mode & 0o002,
+                  f"{info.st_mode & 0o777:o}")]
+
+
+def _check_code(expected):
+    """The virtualenv's Python and the repo are there."""
+    python, repo = expected.python_path, _file_kind(expected.core_repo_dir)
+    return [_fact("python_path", "an executable file", _is_executable_file(python),
+                  _file_kind(python)),
+            _fact("core_repo_dir", _DIRECTORY, repo == _DIRECTORY, repo)]
+
+
+def _private_file(what, path, user):
+    """A regular file (not a link) of ``user`` that group and others cannot use."""
+    kind = _file_kind(path)
+    if kind != _REGULAR_FILE:
+        return [_fact(what, _REGULAR_FILE, False, kind)]
+    info = os.lstat(path)
+    return [_fact(f"{what} owner", user, _user_name(info.st_uid) == user, _user_name(info.st_uid)),
+            _fact(f"{what} mode", _NO_ACCESS_FOR_GROUP_AND_OTHERS, not info.st_mode & 0o077,
+                  f"{info.st_mode & 0o777:o}")]
+
+
+def _check_private_files(expected):
+    """The secret key, the SQLite database (where it is the choice: it holds the sessions)
+    and the uploads are the user's; nginx's group may read uploads, nobody else."""
+    facts = _private_file("secret_key_path", expected.secret_key_path, expected.user)
+    if os.path.lexists(expected.database_sqlite_path):
+        facts += _private_file("database_sqlite_path", expected.database_sqlite_path,
+                               expected.user)
+    if _file_kind(expected.media_dir) == _DIRECTORY:
+        mode = expected.media_dir.stat().st_mode
+        facts.append(_fact("media_dir mode", _NO_ACCESS_FOR_OTHERS, not mode & 0o007,
+                           f"{mode & 0o7777:o}"))
+    return facts
+
+
+def _check_rendered_files(expected):
+    """The units and the tmpfiles file are byte for byte as rendered."""
+    facts = []
+    for path, text in expected.services.items():
+        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
+            difference = _text_difference(path, text)
+            facts.append(_fact(f"unit {path}", "as rendered", difference is None, difference))
+    return facts
+
+
+def _text_difference(path, text):
+    """None if the file at ``path`` holds ``text``, else what differs, in a few words."""
+    if _file_kind(path) != _REGULAR_FILE:
+        return _file_kind(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            actual = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        return getattr(error, "strerror", None) or "not UTF-8 text"
+    if actual == text:
+        return None
+    for number, (want, have) in enumerate(zip(text.splitlines() + [""],
+                                              actual.splitlines() + [""]), 1):
+        if want != have:
+            return f"differs at line {number}: {have!r}"
+    return "differs"
+
+
+def _check_actual_system(expected):
+    """The installation's own Python, run as its user, resolves the expected system and
+    may write its directories; raises _CouldNotCheck if it gives no usable answer."""
+    import grp
+    import pwd
+    resolved = "resolved by the installation's Python"
+    if not (_exists(pwd.getpwnam, expected.user) and _exists(grp.getgrnam, expected.group)
+            and _is_executable_file(expected.python_path)):
+        return [_fact("actual system", resolved, False,
+                      "not asked: its user, group or Python is missing")]
+    paths = [str(expected.static_dir), str(expected.media_dir), str(expected.run_dir)]
+    answer = _probe_actual_system(expected, paths)
+    wanted = expected.as_dict()
+    facts = [_fact("actual system", resolved, True, None)]
+    facts += [_fact(f"actual {key}", wanted[key], value == wanted[key], value)
+              for key, value in answer["system"].items() if key != "name_source"]
+    writable = "a directory writable by the user"
+    facts += [_fact(path, writable, os.path.isdir(path) and answer["writable"][path],
+                    "missing" if not os.path.exists(path) else "not writable by the user")
+              for path in paths]
+    return facts
+
+
+_CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_private_files,
+           _check_rendered_files, _check_actual_system)
+
+
+def check_installation(expected):
+    """Compare an installation on disk with its expected system; change nothing.
+
+    Returns ``(number of checks, differences, could_not_check)``: each difference a
+    tuple ``(what, expected, actual)``; ``could_not_check`` None, or why the
+    installation's own Python gave no usable answer (then the check is incomplete).
+    """
+    facts, could_not_check = [], None
+    for check in _CHECKS:
+        try:
+            facts += check(expected)
+        except _CouldNotCheck as error:
+            could_not_check = error.rule
+    return len(facts), [fact for fact in facts if fact[1] != fact[2]], could_not_check
+
+
+def _probe_actual_system(expected, paths):
+    """What the installation's Python, run as its user, answers the probe. Nothing it
+    prints is trusted: an answer must have exactly the probe's shape."""
+    import json
+    options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
+               "core_app": expected.core_app, "framework": expected.framework,
+               "server": expected.server, "paths": paths}
+    switch = {}
+    if _process_user_and_group()[0] != expected.user:
+        if os.geteuid() != 0:
+            raise StagetoolsError(f"check {expected.name}", "it runs the installation's Python "
+                                  "as its user", f"run it as root or as {expected.user}")
+        switch = dict(user=expected.user, group=expected.group, extra_groups=[])
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(expected.base_dir), "LANG": "C.UTF-8"}
+    command = [str(expected.python_path), "-B", "-I", "-c", _PROBE, json.dumps(options)]
+    try:
+        returncode, stdout, stderr, problem = _run_bounded(command, env=env, cwd="/", **switch)
+    except OSError as error:
+        returncode, problem = None, f"did not start: {error.strerror}"
+    if problem is None and returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        problem = f"exited {returncode}: {lines[-1] if lines else 'no message'}"
+    if problem is None:
+        try:
+            answer = json.loads(stdout.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError
+            answer = None
+        if not _is_probe_answer(answer, expected, paths):
+            problem = f"printed something else than its system: {stdout[:80]!r}"
+    if problem is not None:
+        raise _CouldNotCheck(f"could not check {expected.name}", f"its Python {problem}",
+                             "repair the installation (see why), then check again")
+    return answer
+
+
+def _is_probe_answer(answer, expected, paths):
+    """Whether ``answer`` has exactly the shape of what the probe prints."""
+    wanted = expected.as_dict()
+    if not (isinstance(answer, dict) and set(answer) == {"system", "writable"}):
+        return False
+    system, writable = answer["system"], answer["writable"]
+    return (isinstance(system, dict) and set(system) == set(wanted)
+            and all(type(value) is type(wanted[key]) for key, value in system.items())
+            and all(type(path) is str and type(text) is str
+                    for path, text in system["services"].items())
+            and isinstance(writable, dict) and set(writable) == set(paths)
+            and all(type(value) is bool for value in writable.values()))
+
+
+def _run_bounded(command, **kwargs):
+    """Run an installation's command: ``(exit code, stdout, stderr, problem)``, each output
+    at most _PROBE_OUTPUT_LIMIT bytes, within _PROBE_TIMEOUT seconds; ``problem`` says
+    which bound it broke (its whole process group is then killed), or is None."""
+    import selectors
+    import signal
+    import subprocess
+    import time
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    outputs = {process.stdout: bytearray(), process.stderr: bytearray()}
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    problem = None
+    with process, selectors.DefaultSelector() as selector:
+        for stream in outputs:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map() and problem is None:
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
+            if not ready:
+                problem = f"gave no answer within {_PROBE_TIMEOUT} s"
+            for key, _ in ready:
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                outputs[key.fileobj] += chunk
+                if len(outputs[key.fileobj]) > _PROBE_OUTPUT_LIMIT:
+                    problem = f"printed more than {_PROBE_OUTPUT_LIMIT} bytes"
+        if problem is None:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                problem = f"did not exit within {_PROBE_TIMEOUT} s"
+        if problem is not None:  # its children too: it may have started some
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+    return (process.returncode, bytes(outputs[process.stdout]), bytes(outputs[process.stderr]),
+            problem)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _printable(value):
+    """``value`` as text safe for a terminal: control characters shown as escapes."""
+    text = str(value)
+    return text if text.isprintable() else "".join(
+        char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _show_table(system):
+    rows = [(key, value) for key, value in system.as_dict().items() if key != "services"]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    lines.append(f"{'services':<{width}}  {', '.join(system.services) or '-'}")
+    return "\n".join(lines)
+
+
+# Every option of the command line, once; each command picks the ones it takes.
+_OPTIONS = {
+    "name": dict(nargs="?", help="installation name, e.g. shop_prod"),
+    "--expected": dict(action="store_true", help="what a deploy tool should build"),
+    "--base-dir": dict(help="base dir of the expected installation (default /home/NAME)"),
+    "--core-repo": dict(help="repo below src/ (default: the configuration)"),
+    "--core-app": dict(help="main Python package (default: the core repo)"),
+    "--framework": dict(choices=FRAMEWORKS, help="default: django"),
+    "--server": dict(choices=SERVERS, help="default: the framework's first (gunicorn; "
+                     "uvicorn for starlette)"),
+    "--database": dict(choices=DATABASES, default="sqlite", help="default: sqlite"),
+    "--python": dict(default=sys.executable, help="the Python of the venv; its user must be "
+                     "able to run it (default: this one)"),
+    "--json": dict(action="store_true", help="one JSON object, for machines"),
+}
+
+
+def _parser():
+    import argparse
+
+    class _ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # bad options: our one-line message and exit code 2
+            raise StagetoolsError(self.prog, message, f"see {self.prog} --help")
+
+    def command(name, help, *options, positional=None):
+        parser = commands.add_parser(name, help=help)
+        if positional:
+            parser.add_argument(positional[0], **positional[1])
+        for option in options:
+            parser.add_argument(option, **_OPTIONS[option])
+        return parser
+
+    parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    system = ("--core-repo", "--core-app", "--framework", "--server", "--json")
+    command("show", "the actual system, or the expected one", "name", "--expected", "--base-dir",
+            *system)
+    command("new", "create an installation to start with: a venv named like the installation, "
+            "a starter repo, its database", "--framework", "--database", "--core-repo",
+            "--core-app", "--python",
+            positional=("directory", dict(help="the new installation's dir, named like it: "
+                                               "/tmp/shop_dev")))
+    command("check", "compare an installation on disk with its expected system; exit 1 on "
+            "any difference, 3 if it could not be checked", "name", "--base-dir", *system)
+    return parser
+
+
+def _cmd_show(args):
+    import json
+    options = dict(core_repo=args.core_repo, core_app=args.core_app,
+                   framework=args.framework, server=args.server)
+    if args.expected:
+        system = get_expected_system_from_name(args.name, base_dir=args.base_dir, **options)
+    elif args.base_dir:
+        raise StagetoolsError("--base-dir", "it needs --expected: the actual base dir is where "
+                              "the running virtualenv is", "add --expected or leave it out")
+    else:
+        system = get_actual_system_from_name(args.name, **options)
+    print(json.dumps(system.as_dict(), indent=2) if args.json else _show_table(system))
+    return 0
+
+
+def _run(command, what):
+    import shlex
+    import subprocess
+    print("+ " + shlex.join(str(part) for part in command), flush=True)
+    try:
+        returncode = subprocess.run(command, timeout=_STEP_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        raise StagetoolsError(f"{what} did not finish", f"it ran longer than {_STEP_TIMEOUT} s "
+                              "(command above)", "check the network and the package index, "
+                              "then run again") from None
+    except OSError as error:
+        returncode = error
+    if returncode != 0:
+        raise StagetoolsError(f"{what} failed", f"the command above gave {returncode}",
+                              "fix its error and run again")
+
+
+def _cmd_new(args):
+    import shlex
+    from pathlib import Path
+    directory = Path(args.directory).absolute()
+    system = get_expected_system_from_name(directory.name, base_dir=directory,
+                                           core_repo=args.core_repo, core_app=args.core_app,
+                                           framework=args.framework)
+    _refuse_a_directory_others_could_swap(directory)
+    starter = render_starter(system, args.database)
+    created = not os.path.lexists(directory)
+    if created:  # made here, before anyone else can: in /tmp another user could be quicker
+        try:
+            os.mkdir(directory, 0o700)
+        except OSError as error:
+            raise StagetoolsError(f"cannot create '{directory}'", error.strerror,
+                                  "choose a new directory") from None
+    # Everything new makes is its user's alone (the database, the key, the venv); nginx
+    # reads static/ only, and Django's storage gives the files there their own modes.
+    umask = os.umask(0o077)
+    try:
+        _run([args.python, "-m", "venv", directory], "creating the virtualenv")
+        for relative, text in starter.items():
+            target = system.core_repo_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        system.static_dir.mkdir(mode=0o755, exist_ok=True)
+        system.static_dir.chmod(0o755)
+        system.media_dir.mkdir(mode=0o700, exist_ok=True)
+        _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
+             "installing the starter repo and its requirements")
+        if system.framework == "django":
+            manage = [system.python_path, system.manage_py_path]
+            _run(manage + ["makemigrations", system.core_app], "making the first migration")
+            _run(manage + ["migrate", "--no-input"], "migrating the database")
+        else:
+            _run([system.python_path, "-m", system.core_app], "creating the tables")
+    except BaseException:  # leave nothing half-written: the directory as it was
+        import shutil
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            for child in directory.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
+        raise
+    finally:
+        os.umask(umask)
+    print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
+          "Serve it with one of:")
+    for server in FRAMEWORKS[system.framework]["servers"]:
+        serving = get_expected_system_from_name(
+            system.name, base_dir=directory, core_repo=system.core_repo,
+            core_app=system.core_app, framework=system.framework, server=server)
+        print("  " + shlex.join(_server_command(serving, "127.0.0.1", 8000)))
+    return 0
+
+
+def _refuse_a_directory_others_could_swap(directory):
+    """`new` builds programs that its user (root, say) runs: refuse a directory that another
+    user owns, or one in a directory where others may rename entries (no sticky bit)."""
+    import stat
+    me = os.geteuid()
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        info = None
+    if info is not None and (not stat.S_ISDIR(info.st_mode) or any(os.scandir(directory))):
+        raise StagetoolsError(f"'{directory}'", "it exists and is not an empty directory",
+                              "choose a new directory or remove this one")
+    if info is not None and info.st_uid != me:
+        owner = _user_name(info.st_uid)
+        raise StagetoolsError(f"'{directory}'", f"it belongs to {owner!r}, not to "
+                              f"{_user_name(me)!r}, who runs new: {owner} could swap what new "
+                              "builds there", f"remove it, or run new as {owner}")
+    parent = os.path.dirname(os.path.realpath(directory))
+    while True:
+        info = os.stat(parent)
+        if info.st_uid not in (0, me):
+            raise StagetoolsError(f"'{parent}'", f"it belongs to {_user_name(info.st_uid)!r}, "
+                                  "who could swap what new builds below it",
+                                  "choose a directory below your own or root's")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise StagetoolsError(f"'{parent}'", "it is writable by others without the sticky "
+                                  "bit: they could swap what new builds below it",
+                                  f"choose another directory, or chmod go-w '{parent}'")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def _cmd_check(args):
+    import json
+    if not args.name:
+        raise StagetoolsError("check", "it needs the installation's name",
+                              "stagetools check shop_prod")
+    expected = get_expected_system_from_name(
+        args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
+        framework=args.framework, server=args.server)
+    checks, differences, could_not_check = check_installation(expected)
+    if args.json:
+        print(json.dumps({"name": expected.name, "ok": not differences and not could_not_check,
+                          "checks": checks, "could_not_check": could_not_check,
+                          "differences": [{"what": what, "expected": want, "actual": have}
+                                          for what, want, have in differences]}, indent=2))
+    elif differences:
+        print(f"{expected.name}: {len(differences)} of {checks} checks differ")
+        rows = [("what", "expected", "actual")] + [tuple(_printable(part)[:200] for part in d)
+                                                   for d in differences]
+        widths = [max(len(row[column]) for row in rows) for column in range(2)]
+        for what, want, have in rows:
+            print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
+    elif not could_not_check:
+        print(f"{expected.name}: all {checks} checks hold")
+    if could_not_check:
+        raise _CouldNotCheck(f"could not check {expected.name}", could_not_check)
+    return 1 if differences else 0
+
+
+def main(argv=None):
+    """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input,
+    3 an installation that could not be checked)."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.command in ("new", "check") and os.name != "posix":
+            raise StagetoolsError(args.command, "it works on Linux installations (users, venvs "
+                                  "with bin/, systemd)", "run it on the server")
+        return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
+    except _CouldNotCheck as error:
+        print(f"stagetools: {_printable(error)}", file=sys.stderr)
+        return 3
+    except StagetoolsError as error:
+        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+# ---------------------------------------------------------------- templates
+#
+# Every file stagetools renders or writes, file-shaped, with $placeholders that _fill
+# fills in ($$ is a literal $). Values are checked before they get here (see the naming
+# rules and _valid_base_dir): nothing is escaped into a file.
+
+_SOCKET_UNIT = """\
+[Unit]
+Description=$name socket (stagetools)
+
+[Socket]
+ListenStream=$socket_path
+$socket_access
+
+[Install]
+WantedBy=sockets.target
+"""
+# DirectoryMode only matters if tmpfiles has not made the dir (0750 NAME:www-data) first;
+# the socket's own mode 0660 keeps other users out either way.
+_SYSTEM_SOCKET_ACCESS = """\
+SocketGroup=$web_group
+SocketMode=0660
+DirectoryMode=0755"""
+_USER_SOCKET_ACCESS = """\
+SocketMode=0600
+DirectoryMode=0700"""
+_SERVICE_UNIT = """\
+[Unit]
+Description=$name ($server, stagetools)
+Requires=$name.socket
+After=network.target $name.socket
+
+[Service]
+Type=$service_type
+${identity}WorkingDirectory=$core_repo_dir
+ExecStart=$exec_start
+KillMode=mixed
+Restart=on-failure
+${hardening}
+[Install]
+WantedBy=$wanted_by.target
+"""
 # Each line is explained in the README's table "Hardening of the system unit".
 _HARDENING = """\
 UMask=0077
 ProtectSystem=strict
 ProtectHome=tmpfs
-BindPaths={base_dir}
-ReadOnlyPaths=-{base_dir}/bin -{base_dir}/lib -{base_dir}/src
+BindPaths=$base_dir
+ReadOnlyPaths=-$base_dir/bin -$base_dir/lib -$base_dir/src
 PrivateTmp=yes
 PrivateDevices=yes
 DevicePolicy=closed
@@ -632,99 +1344,51 @@ SystemCallErrorNumber=EPERM
 _USER_UNIT_DIRECTIVES = {"UMask", "NoNewPrivileges", "LockPersonality", "RestrictRealtime",
                          "RestrictSUIDSGID", "RestrictNamespaces", "RestrictAddressFamilies",
                          "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber"}
-_USER_HARDENING = "".join(line + "\n" for line in _HARDENING.splitlines()
-                          if line.partition("=")[0] in _USER_UNIT_DIRECTIVES)
+# The socket dir: the user may write there, nginx may pass, nobody else. Uploads: nginx's
+# group reads them (new ones inherit the group), nobody else.
+_TMPFILES = """\
+d $run_dir 0750 $user $web_group -
+d $media_dir 2750 $user $web_group -
+"""
+_NGINX_SITE = """\
+# nginx site of $name; TLS and your domain: see the README.
+upstream $name {
+    server unix:$socket_path fail_timeout=0;
+}
 
-
-def _server_command(system, bind):
-    """The command that serves the installation; bind is host:port or fd://N (systemd)."""
-    server = system.bin_dir / system.server
-    application = system.wsgi_application if system.server == "gunicorn" \
-        else system.asgi_application
-    if bind.startswith("fd://"):
-        where = {"gunicorn": [],  # gunicorn takes systemd's LISTEN_FDS by itself
-                 "uvicorn": ["--fd", bind[len("fd://"):]], "hypercorn": ["--bind", bind]}
-    else:
-        host, _, port = bind.rpartition(":")
-        where = {"gunicorn": ["--bind", bind], "uvicorn": ["--host", host, "--port", port],
-                 "hypercorn": ["--bind", bind]}
-    return [str(server)] + where[system.server] + [application]
-
-
-def _render_units(system, user_unit):
-    import shlex
-    socket_path = "%t/{0}/{0}.sock".format(system.name) if user_unit else system.socket_path
-    socket_access = "SocketMode=0600\nDirectoryMode=0700" if user_unit else \
-        f"SocketGroup={_WEB_GROUP}\nSocketMode=0660\nDirectoryMode=0755"
-    # DirectoryMode only matters if tmpfiles has not made the dir (0750 NAME:www-data)
-    # first; the socket's own mode 0660 keeps other users out either way.
-    socket = (f"[Unit]\nDescription={system.name} socket (stagetools)\n\n"
-              f"[Socket]\nListenStream={socket_path}\n{socket_access}\n\n"
-              "[Install]\nWantedBy=sockets.target\n")
-    # gunicorn tells systemd when it is ready; uvicorn and hypercorn cannot.
-    service_type = "notify" if system.server == "gunicorn" else "exec"
-    identity = "" if user_unit else f"User={system.user}\nGroup={system.group}\n"
-    hardening = _USER_HARDENING if user_unit else _HARDENING.format(base_dir=system.base_dir)
-    service = (
-        f"[Unit]\nDescription={system.name} ({system.server}, stagetools)\n"
-        f"Requires={system.name}.socket\nAfter=network.target {system.name}.socket\n\n"
-        f"[Service]\nType={service_type}\n{identity}"
-        f"WorkingDirectory={system.core_repo_dir}\n"
-        f"ExecStart={shlex.join(_server_command(system, 'fd://3'))}\n"
-        "KillMode=mixed\nRestart=on-failure\n"
-        f"{hardening}\n[Install]\nWantedBy={'default' if user_unit else 'multi-user'}.target\n")
-    return socket, service
-
-
-def _render_nginx(system):
-    return f"""\
-# nginx site of {system.name}; TLS and your domain: see the README.
-upstream {system.name} {{
-    server unix:{system.socket_path} fail_timeout=0;
-}}
-
-server {{
+server {
     listen 80;
-    server_name {system.container}.localhost;
+    server_name $server_name;
     client_max_body_size 20m;
 
-    location /{system.static_url} {{
-        alias {system.static_dir}/;
-    }}
-    location /{system.media_url} {{
-        alias {system.media_dir}/;
-    }}
-    location / {{
-        proxy_set_header Host $host;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        # Django trusts this header in QUAL and PROD: nginx must always set it.
-        proxy_set_header X-Forwarded-Proto $scheme;
-        proxy_redirect off;
-        proxy_pass http://{system.name};
-    }}
-}}
-"""
-
-
-def _render_services(system):
-    """The files of an installation outside its repo: absolute path -> text."""
-    socket, service = _render_units(system, user_unit=False)
-    user_socket, user_service = _render_units(system, user_unit=True)
-    name = system.name
-    user_dir = os.path.join(system.base_dir, ".config", "systemd", "user")
-    return {
-        f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
-        f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
-        # The socket dir: the user may write there, nginx may pass, nobody else. Uploads:
-        # nginx's group reads them (new ones inherit the group), nobody else.
-        f"{_TMPFILES_DIR}/{name}.conf": f"d {system.run_dir} 0750 {system.user} {_WEB_GROUP} -\n"
-                                        f"d {system.media_dir} 2750 {system.user} {_WEB_GROUP} -\n",
-        f"{_NGINX_DIR}/{name}.conf": _render_nginx(system),
-        os.path.join(user_dir, f"{name}.socket"): user_socket,
-        os.path.join(user_dir, f"{name}.service"): user_service,
+    location /$static_url {
+        alias $static_dir/;
     }
-
-
+    location /$media_url {
+        alias $media_dir/;
+    }
+    location / {
+        proxy_set_header Host $$host;
+        proxy_set_header X-Forwarded-For $$proxy_add_x_forwarded_for;
+        # Django trusts this header in QUAL and PROD: nginx must always set it.
+        proxy_set_header X-Forwarded-Proto $$scheme;
+        proxy_redirect off;
+        proxy_pass http://$name;
+    }
+}
+"""
+# Run by the installation's own Python as its user, by `check`: what that process resolves.
+_PROBE = """\
+import json, os, sys
+options = json.loads(sys.argv[1])
+sys.path.insert(0, options.pop("repo"))
+import stagetools
+paths = options.pop("paths")
+system = stagetools.get_actual_system_from_name(**options)
+print(json.dumps({"system": system.as_dict(),
+                  "writable": {path: os.access(path, os.W_OK) for path in paths}}))
+"""
+# The starter repo of `new`: the files of every framework, then each framework's own.
 _STARTER_SETUP = """\
 from setuptools import find_packages, setup
 
@@ -958,496 +1622,8 @@ application = Starlette(
     "$core_app/db.py": _STARTER_DB,
     "$core_app/__main__.py": _STARTER_MAIN,
 }
-_STARTERS = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
-             "starlette": _STARLETTE_STARTER}
-_REQUIREMENTS = {"django": ["Django>=4.2", "gunicorn", "uvicorn", "hypercorn"],
-                 "flask": ["Flask", "gunicorn"],
-                 "starlette": ["starlette", "itsdangerous", "uvicorn", "hypercorn"]}
-_DATABASE_REQUIREMENTS = dict(zip(DATABASES, ([], ["psycopg[binary]"])))
-
-
-def _render_starter(system, database):
-    """The files of a new repo in the seed's layout: relative path -> text."""
-    import json
-    import string
-    django = system.framework == "django"
-    modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
-    arguments = [f"{key}={json.dumps(value)}" for key, value, default in [
-        ("core_repo", system.core_repo, system.configuration),
-        ("core_app", system.core_app, system.core_repo),
-        ("framework", system.framework, "django")] if value != default]
-    values = dict(
-        core_repo=system.core_repo, core_app=system.core_app, database=database,
-        requirements=json.dumps(_REQUIREMENTS[system.framework]
-                                + _DATABASE_REQUIREMENTS[database]),
-        py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
-                              + [module[:-3] for module in modules]),
-        system_arguments=", ".join(arguments),
-        imports="import os\n\n" if django else "",
-        settings_line='os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)\n'
-        if django else "")
-    templates = {"setup.py": _STARTER_SETUP, "aaa_env_setup.py": _STARTER_ENV_SETUP,
-                 **_STARTERS[system.framework]}
-    files = {string.Template(path).substitute(values): string.Template(text).substitute(values)
-             for path, text in templates.items()}
-    here = os.path.dirname(os.path.realpath(__file__))
-    for module in modules:
-        with open(os.path.join(here, module), encoding="utf-8") as file:
-            files[module] = file.read()
-    return files
-
-
-# ---------------------------------------------------------------- checks
-
-# Run by the installation's own Python as its user: what that process resolves.
-_PROBE = """\
-import json, os, sys
-options = json.loads(sys.argv[1])
-sys.path.insert(0, options.pop("repo"))
-import stagetools
-paths = options.pop("paths")
-system = stagetools.get_actual_system_from_name(**options)
-print(json.dumps({"system": system.as_dict(),
-                  "writable": {path: os.access(path, os.W_OK) for path in paths}}))
-"""
-
-
-_PROBE_OUTPUT_LIMIT = 1 << 20  # bytes; an answer is about 10 KiB
-_PROBE_TIMEOUT = 60  # seconds
-
-
-def _probe_actual_system(expected, paths):
-    """The actual system as the installation's Python, run as its user, resolves it:
-    ``(answer, None)``, or ``(None, why there is no answer)``. Nothing it prints is
-    trusted: an answer must have exactly the probe's shape."""
-    import json
-    options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
-               "core_app": expected.core_app, "framework": expected.framework,
-               "server": expected.server, "paths": paths}
-    switch = {}
-    if _process_user_and_group()[0] != expected.user:
-        if os.geteuid() != 0:
-            raise StagetoolsError(f"check {expected.name} runs the installation's Python as "
-                                  f"its user: run it as root or as {expected.user}")
-        switch = dict(user=expected.user, group=expected.group, extra_groups=[])
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(expected.base_dir), "LANG": "C.UTF-8"}
-    command = [str(expected.python_path), "-B", "-I", "-c", _PROBE, json.dumps(options)]
-    try:
-        returncode, stdout, stderr = _run_bounded(command, env=env, cwd="/", **switch)
-    except OSError as error:
-        return None, f"its Python did not start: {error.strerror}"
-    except StagetoolsError as error:
-        return None, f"its Python {error}"
-    if returncode != 0:
-        lines = stderr.decode("utf-8", "replace").strip().splitlines()
-        return None, f"its Python exited {returncode}: {lines[-1] if lines else 'no message'}"
-    try:
-        answer = json.loads(stdout.decode("utf-8"))
-    except ValueError:  # also UnicodeDecodeError
-        answer = None
-    if not _is_probe_answer(answer, expected, paths):
-        return None, f"its Python printed something else than its system: {stdout[:80]!r}"
-    return answer, None
-
-
-def _is_probe_answer(answer, expected, paths):
-    """Whether ``answer`` has exactly the shape of what the probe prints."""
-    wanted = expected.as_dict()
-    if not (isinstance(answer, dict) and set(answer) == {"system", "writable"}):
-        return False
-    system, writable = answer["system"], answer["writable"]
-    return (isinstance(system, dict) and set(system) == set(wanted)
-            and all(type(value) is type(wanted[key]) for key, value in system.items())
-            and all(type(path) is str and type(text) is str
-                    for path, text in system["services"].items())
-            and isinstance(writable, dict) and set(writable) == set(paths)
-            and all(type(value) is bool for value in writable.values()))
-
-
-def _run_bounded(command, **kwargs):
-    """Run a command of an installation: ``(exit code, stdout, stderr)``, each output at most
-    _PROBE_OUTPUT_LIMIT bytes, within _PROBE_TIMEOUT seconds, or a StagetoolsError."""
-    import selectors
-    import signal
-    import subprocess
-    import time
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True, **kwargs)
-    outputs = {process.stdout: bytearray(), process.stderr: bytearray()}
-    deadline = time.monotonic() + _PROBE_TIMEOUT
-    problem = None
-    with process, selectors.DefaultSelector() as selector:
-        for stream in outputs:
-            selector.register(stream, selectors.EVENT_READ)
-        while selector.get_map() and problem is None:
-            ready = selector.select(max(0.0, deadline - time.monotonic()))
-            if not ready:
-                problem = f"gave no answer within {_PROBE_TIMEOUT} s"
-            for key, _ in ready:
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                outputs[key.fileobj] += chunk
-                if len(outputs[key.fileobj]) > _PROBE_OUTPUT_LIMIT:
-                    problem = f"printed more than {_PROBE_OUTPUT_LIMIT} bytes"
-        if problem is None:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                problem = f"did not exit within {_PROBE_TIMEOUT} s"
-        if problem is not None:  # its children too: it may have started some
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            raise StagetoolsError(problem)
-    return process.returncode, bytes(outputs[process.stdout]), bytes(outputs[process.stderr])
-
-
-def _unit_difference(path, text):
-    if _file_kind(path) != "a regular file":
-        return _file_kind(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            actual = file.read()
-    except (OSError, UnicodeDecodeError) as error:
-        return getattr(error, "strerror", None) or "not UTF-8 text"
-    if actual == text:
-        return None
-    for number, (want, have) in enumerate(zip(text.splitlines() + [""],
-                                              actual.splitlines() + [""]), 1):
-        if want != have:
-            return f"differs at line {number}: {have!r}"
-    return "differs"
-
-
-def _file_kind(path):
-    """'a directory', 'a regular file', 'a symbolic link', ... or 'missing'; links not followed."""
-    import stat
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return "missing"
-    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-def check_installation(expected):
-    """Compare an installation on disk with its expected system; change nothing.
-
-    Returns ``(number of checks, differences, could_not_check)``: each difference a
-    tuple ``(what, expected, actual)``; ``could_not_check`` None, or why the
-    installation's own Python gave no usable answer (then the check is incomplete).
-    """
-    import grp
-    import pwd
-    differences, checks = [], 0
-
-    def fact(what, want, have):
-        nonlocal checks
-        checks += 1
-        if want != have:
-            differences.append((what, want, have))
-
-    def private_file(what, path, others):
-        """A regular file of the user that ``others`` (mode bits) cannot use."""
-        kind = _file_kind(path)
-        fact(what, "a regular file", kind)
-        if kind == "a regular file":
-            info = os.lstat(path)
-            fact(f"{what} owner", expected.user, _user_name(pwd, info.st_uid))
-            fact(f"{what} mode", _PRIVATE[others],
-                 f"{info.st_mode & 0o777:o}" if info.st_mode & others else _PRIVATE[others])
-
-    try:
-        pwd.getpwnam(expected.user)
-        user_exists = True
-    except KeyError:
-        user_exists = False
-    fact("user", expected.user, expected.user if user_exists else "missing")
-    try:
-        grp.getgrnam(expected.group)
-        group_exists = True
-    except KeyError:
-        group_exists = False
-    fact("group", expected.group, expected.group if group_exists else "missing")
-    base = expected.base_dir
-    if _file_kind(base) == "a directory":
-        fact("base_dir owner", expected.user, _user_name(pwd, base.stat().st_uid))
-        mode = base.stat().st_mode & 0o777
-        fact("base_dir mode", "not world-writable",
-             "not world-writable" if not mode & 0o002 else f"{mode:o}")
-    else:
-        fact("base_dir", "a directory", _file_kind(base))
-    python_ok = os.path.isfile(expected.python_path) and os.access(expected.python_path, os.X_OK)
-    fact("python_path", "an executable file",
-         "an executable file" if python_ok else _file_kind(expected.python_path))
-    fact("core_repo_dir", "a directory", _file_kind(expected.core_repo_dir))
-    private_file("secret_key_path", expected.secret_key_path, 0o077)
-    if os.path.lexists(expected.database_sqlite_path):  # SQLite chosen: it holds sessions
-        private_file("database_sqlite_path", expected.database_sqlite_path, 0o077)
-    if _file_kind(expected.media_dir) == "a directory":  # uploads: nginx's group reads them
-        mode = expected.media_dir.stat().st_mode
-        fact("media_dir mode", _PRIVATE[0o007],
-             f"{mode & 0o7777:o}" if mode & 0o007 else _PRIVATE[0o007])
-    for path, text in expected.services.items():
-        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
-            fact(f"unit {path}", "as rendered", _unit_difference(path, text) or "as rendered")
-    if not (user_exists and group_exists and python_ok):
-        fact("actual system", "resolved by the installation's Python",
-             "not asked: its user, group or Python is missing")
-        return checks, differences, None
-    paths = [str(expected.static_dir), str(expected.media_dir), str(expected.run_dir)]
-    probe, could_not_check = _probe_actual_system(expected, paths)
-    if probe is None:
-        return checks, differences, could_not_check
-    checks += 1  # the actual system was resolved
-    wanted = expected.as_dict()
-    for key, value in probe["system"].items():
-        if key != "name_source":
-            fact(f"actual {key}", wanted[key], value)
-    for path, writable in probe["writable"].items():
-        fact(f"{path}", "a directory writable by the user",
-             "a directory writable by the user" if os.path.isdir(path) and writable
-             else "missing" if not os.path.exists(path) else "not writable by the user")
-    return checks, differences, None
-
-
-_PRIVATE = {0o077: "no access for group and others", 0o007: "no access for others"}
-
-
-def _printable(value):
-    """``value`` as text safe for a terminal: control characters shown as escapes."""
-    text = str(value)
-    return text if text.isprintable() else "".join(
-        char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _show_table(system):
-    rows = [(key, value) for key, value in system.as_dict().items() if key != "services"]
-    width = max(len(key) for key, _ in rows)
-    lines = [f"{key:<{width}}  {value}" for key, value in rows]
-    lines.append(f"{'services':<{width}}  {', '.join(system.services) or '-'}")
-    return "\n".join(lines)
-
-
-def _add_system_options(parser):
-    parser.add_argument("name", nargs="?", help="installation name, e.g. shop_prod")
-    parser.add_argument("--core-repo", help="repo below src/ (default: the configuration)")
-    parser.add_argument("--core-app", help="main Python package (default: the core repo)")
-    parser.add_argument("--framework", choices=FRAMEWORKS, help="default: django")
-    parser.add_argument("--server", choices=SERVERS,
-                        help="default: gunicorn (uvicorn for starlette)")
-    parser.add_argument("--json", action="store_true", help="one JSON object, for machines")
-
-
-def _parser():
-    import argparse
-
-    class _ArgumentParser(argparse.ArgumentParser):
-        def error(self, message):  # bad options: our one-line message and exit code 2
-            raise StagetoolsError(f"{message} (see {self.prog} --help)")
-
-    parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    show = commands.add_parser("show", help="the actual system, or the expected one")
-    _add_system_options(show)
-    show.add_argument("--expected", action="store_true", help="what a deploy tool should build")
-    show.add_argument("--base-dir", help="base dir of the expected system (default /home/NAME)")
-    new = commands.add_parser("new", help="create an installation to start with: a venv named "
-                              "like the installation, a starter repo, its database")
-    new.add_argument("directory", help="the new installation's dir, named like it: /tmp/shop_dev")
-    new.add_argument("--framework", choices=FRAMEWORKS, default="django")
-    new.add_argument("--database", choices=DATABASES, default="sqlite")
-    new.add_argument("--core-repo", help="repo below src/ (default: the configuration)")
-    new.add_argument("--core-app", help="main Python package (default: the core repo)")
-    new.add_argument("--python", default=sys.executable,
-                     help="the Python of the venv; its user must be able to run it "
-                     "(default: this one)")
-    check = commands.add_parser("check", help="compare an installation on disk with its "
-                                "expected system; exit 1 on any difference")
-    _add_system_options(check)
-    check.add_argument("--base-dir", help="base dir of the installation (default /home/NAME)")
-    return parser
-
-
-def _cmd_show(args):
-    import json
-    options = dict(core_repo=args.core_repo, core_app=args.core_app,
-                   framework=args.framework, server=args.server)
-    if args.expected:
-        system = get_expected_system_from_name(args.name, base_dir=args.base_dir, **options)
-    elif args.base_dir:
-        raise StagetoolsError("--base-dir needs --expected: the actual base dir is where the "
-                              "running virtualenv is")
-    else:
-        system = get_actual_system_from_name(args.name, **options)
-    print(json.dumps(system.as_dict(), indent=2) if args.json else _show_table(system))
-    return 0
-
-
-def _run(command, what):
-    import shlex
-    import subprocess
-    print("+ " + shlex.join(str(part) for part in command), flush=True)
-    try:
-        returncode = subprocess.run(command, timeout=_STEP_TIMEOUT).returncode
-    except subprocess.TimeoutExpired:
-        raise StagetoolsError(f"{what} did not finish within {_STEP_TIMEOUT} s (command "
-                              "above); check the network and the package index, then run "
-                              "again") from None
-    except OSError as error:
-        returncode = error
-    if returncode != 0:
-        raise StagetoolsError(f"{what} failed (command above: {returncode}); fix its error "
-                              "and run again")
-
-
-def _cmd_new(args):
-    import shlex
-    from pathlib import Path
-    directory = Path(args.directory).absolute()
-    system = get_expected_system_from_name(directory.name, base_dir=directory,
-                                           core_repo=args.core_repo, core_app=args.core_app,
-                                           framework=args.framework)
-    _refuse_a_directory_others_could_swap(directory)
-    starter = _render_starter(system, args.database)
-    created = not os.path.lexists(directory)
-    if created:  # made here, before anyone else can: in /tmp another user could be quicker
-        try:
-            os.mkdir(directory, 0o700)
-        except OSError as error:
-            raise StagetoolsError(f"cannot create '{directory}': {error.strerror}; choose a "
-                                  "new directory") from None
-    # Everything new makes is its user's alone (the database, the key, the venv); nginx
-    # reads static/ only, and Django's storage gives the files there their own modes.
-    umask = os.umask(0o077)
-    try:
-        _run([args.python, "-m", "venv", directory], "creating the virtualenv")
-        for relative, text in starter.items():
-            target = system.core_repo_dir / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        system.static_dir.mkdir(mode=0o755, exist_ok=True)
-        system.static_dir.chmod(0o755)
-        system.media_dir.mkdir(mode=0o700, exist_ok=True)
-        _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
-             "installing the starter repo and its requirements")
-        if system.framework == "django":
-            manage = [system.python_path, system.manage_py_path]
-            _run(manage + ["makemigrations", system.core_app], "making the first migration")
-            _run(manage + ["migrate", "--no-input"], "migrating the database")
-        else:
-            _run([system.python_path, "-m", system.core_app], "creating the tables")
-    except BaseException:  # leave nothing half-written: the directory as it was
-        import shutil
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
-            for child in directory.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink()
-        raise
-    finally:
-        os.umask(umask)
-    print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
-          "Serve it with one of:")
-    for server in _SERVERS_OF[system.framework]:
-        serving = get_expected_system_from_name(
-            system.name, base_dir=directory, core_repo=system.core_repo,
-            core_app=system.core_app, framework=system.framework, server=server)
-        print("  " + shlex.join(_server_command(serving, "127.0.0.1:8000")))
-    return 0
-
-
-def _refuse_a_directory_others_could_swap(directory):
-    """`new` builds programs that its user (root, say) runs: refuse a directory that another
-    user owns, or one in a directory where others may rename entries (no sticky bit)."""
-    import pwd
-    import stat
-    me = os.geteuid()
-    try:
-        info = os.lstat(directory)
-    except FileNotFoundError:
-        info = None
-    if info is not None and (not stat.S_ISDIR(info.st_mode) or any(os.scandir(directory))):
-        raise StagetoolsError(f"'{directory}' exists and is not an empty directory; choose a "
-                              "new directory or remove this one")
-    if info is not None and info.st_uid != me:
-        owner = _user_name(pwd, info.st_uid)
-        raise StagetoolsError(f"'{directory}' belongs to {owner!r}, not to "
-                              f"{_user_name(pwd, me)!r}, who runs new: {owner} could swap "
-                              f"what new builds there; remove it, or run new as {owner}")
-    parent = os.path.dirname(os.path.realpath(directory))
-    while True:
-        info = os.stat(parent)
-        if info.st_uid not in (0, me):
-            raise StagetoolsError(f"'{parent}' belongs to {_user_name(pwd, info.st_uid)!r}, "
-                                  "who could swap what new builds below it; choose a "
-                                  "directory below your own or root's")
-        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-            raise StagetoolsError(f"'{parent}' is writable by others without the sticky bit: "
-                                  "they could swap what new builds below it; choose another "
-                                  f"directory, or chmod go-w '{parent}'")
-        if parent == os.path.dirname(parent):
-            return
-        parent = os.path.dirname(parent)
-
-
-def _cmd_check(args):
-    import json
-    if not args.name:
-        raise StagetoolsError("check needs the installation's name: stagetools check shop_prod")
-    expected = get_expected_system_from_name(
-        args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
-        framework=args.framework, server=args.server)
-    checks, differences, could_not_check = check_installation(expected)
-    if args.json:
-        print(json.dumps({"name": expected.name, "ok": not differences and not could_not_check,
-                          "checks": checks, "could_not_check": could_not_check,
-                          "differences": [{"what": what, "expected": want, "actual": have}
-                                          for what, want, have in differences]}, indent=2))
-    elif differences:
-        print(f"{expected.name}: {len(differences)} of {checks} checks differ")
-        rows = [("what", "expected", "actual")] + [tuple(_printable(part)[:200] for part in d)
-                                                   for d in differences]
-        widths = [max(len(row[column]) for row in rows) for column in range(2)]
-        for what, want, have in rows:
-            print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
-    elif not could_not_check:
-        print(f"{expected.name}: all {checks} checks hold")
-    if could_not_check:
-        raise _CouldNotCheck(f"could not check {expected.name}: {could_not_check}")
-    return 1 if differences else 0
-
-
-def main(argv=None):
-    """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input,
-    3 an installation that could not be checked)."""
-    try:
-        args = _parser().parse_args(argv)
-        if args.command in ("new", "check") and os.name != "posix":
-            raise StagetoolsError(f"{args.command} works on Linux installations (users, "
-                                  "venvs with bin/, systemd): run it on the server")
-        return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
-    except _CouldNotCheck as error:
-        print(f"stagetools: {_printable(error)}", file=sys.stderr)
-        return 3
-    except StagetoolsError as error:
-        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+_STARTER_FILES = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
+                  "starlette": _STARLETTE_STARTER}
 
 
 if __name__ == "__main__":

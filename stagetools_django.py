@@ -46,7 +46,7 @@ def _env_setup():
         if error.name != "aaa_env_setup":
             raise
         raise stagetools.StagetoolsError(
-            f"cannot import aaa_env_setup (python {sys.executable}): {_ENV_SETUP_HELP}") from None
+            f"cannot import aaa_env_setup (python {sys.executable})", _ENV_SETUP_HELP) from None
     system = getattr(module, "SYSTEM", None)
     return system if isinstance(system, stagetools.System) else \
         stagetools.get_actual_system_from_name()
@@ -59,8 +59,8 @@ def settings_defaults(database="sqlite", system=None):
     (database and role named after the installation, peer authentication over
     the local socket, no password).
     """
-    stagetools._check_choice("database", database, stagetools.DATABASES)
     system = system or _env_setup()
+    database_settings = stagetools.django_database(system, database)
     # Registered here, because every stagetools settings module comes through here.
     from django.core import checks
     checks.register(check_settings)
@@ -98,7 +98,7 @@ def settings_defaults(database="sqlite", system=None):
                 "django.contrib.messages.context_processors.messages",
             ]},
         }],
-        "DATABASES": {"default": _databases(system)[database]},
+        "DATABASES": {"default": database_settings},
         "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
         "USE_TZ": True,
         "TIME_ZONE": "UTC",
@@ -124,18 +124,6 @@ def settings_defaults(database="sqlite", system=None):
     return settings
 
 
-def _databases(system):
-    """The DATABASES entry of each choice in stagetools.DATABASES."""
-    return {
-        "sqlite": {"ENGINE": "django.db.backends.sqlite3",
-                   "NAME": str(system.database_sqlite_path)},
-        "postgresql": {"ENGINE": "django.db.backends.postgresql",
-                       "NAME": system.database_name, "USER": system.database_user,
-                       "PASSWORD": "", "HOST": stagetools._database_host(system),
-                       "PORT": ""},
-    }
-
-
 def check_settings(app_configs=None, **kwargs):
     """Django system check: the settings must not contradict the installation."""
     from django.conf import settings
@@ -157,7 +145,8 @@ def check_settings(app_configs=None, **kwargs):
             hint="do not copy settings between installations; let stagetools fill them in",
             id="stagetools.W002"))
     database = settings.DATABASES.get("default", {})
-    expected = {entry["ENGINE"]: entry["NAME"] for entry in _databases(system).values()}
+    expected = {entry["ENGINE"]: entry["NAME"] for entry in
+                (stagetools.django_database(system, choice) for choice in stagetools.DATABASES)}
     wanted = expected.get(database.get("ENGINE"))
     if wanted is not None and str(database.get("NAME")) != wanted:
         problems.append(Warning(

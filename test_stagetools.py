@@ -587,7 +587,7 @@ def test_actual__environment_contradicting_the_virtualenv__refused(tmp_path):
     python = venv / "bin" / "python"
     result = cli("show", "--json", python=python, env=clean_env(STAGETOOLS_NAME="shop_dev"))
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
-    assert ("STAGETOOLS_NAME='shop_dev' contradicts the virtualenv "
+    assert ("STAGETOOLS_NAME='shop_dev': it contradicts the virtualenv "
             f"'{venv}' of the installation 'shop_prod'") in result.stderr
     agreeing = show_json(python=python, env=clean_env(STAGETOOLS_NAME="shop_prod"))
     assert (agreeing["name"], agreeing["is_debug"]) == ("shop_prod", False)
@@ -601,7 +601,7 @@ def test_actual__nothing_fits__every_source_listed(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     for source in ("argument: not given", "environment STAGETOOLS_NAME: not set",
                    f"virtualenv (sys.prefix) '{sys.prefix}'", f"module path '{lonely}'",
-                   "Fix: set STAGETOOLS_NAME"):
+                   "set STAGETOOLS_NAME=shop_dev"):
         assert source in result.stderr
 
 
@@ -893,14 +893,14 @@ def test_new__refuses_a_directory_another_user_could_swap():
         run(["runuser", "-u", "nobody", "--", "mkdir", squatted], cwd="/")
         result = cli("new", squatted)
         assert result.returncode == 2 and result.stderr.count("\n") == 1
-        assert f"'{squatted}' belongs to 'nobody', not to 'root'" in result.stderr
+        assert f"'{squatted}': it belongs to 'nobody', not to 'root'" in result.stderr
         assert list(squatted.iterdir()) == []
         open_dir = top / "open"  # others may rename what is in it
         open_dir.mkdir()
         open_dir.chmod(0o777)
         result = cli("new", open_dir / "y_dev")
         assert result.returncode == 2 and result.stderr.count("\n") == 1
-        assert f"'{open_dir}' is writable by others" in result.stderr
+        assert f"'{open_dir}': it is writable by others" in result.stderr
         assert not (open_dir / "y_dev").exists()
     finally:
         shutil.rmtree(top)
