@@ -226,92 +226,66 @@ def _valid_choice(kind, value, choices):
 # ---------------------------------------------------------------- the system
 
 
-class _Field:
-    """One attribute of a System: its value as resolved."""
-
-    def __init__(self, meaning):
-        self.__doc__ = meaning
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, system, owner=None):
-        return self if system is None else system._values[self.name]
-
-
-class _PathField(_Field):
-    """A path attribute: a ``pathlib.Path``, made on first read (no pathlib import before)."""
-
-    def __get__(self, system, owner=None):
-        if system is None:
-            return self
-        from pathlib import Path
-        value = system.__dict__[self.name] = Path(system._values[self.name])  # read once
-        return value
-
-
-class _ProcessField(_Field):
-    """``user`` or ``group``: given, or this process's, looked up on first read (pwd and grp
-    cost more than the rest of resolving, and settings never need them)."""
-
-    def __get__(self, system, owner=None):
-        return self if system is None else system._complete()[self.name]
-
-
 class System:
     """An installation: everything that follows from its name. Immutable.
 
-    Holds no secret: the secret key stays in the file at ``secret_key_path``.
-    ``System.FIELDS`` lists the attributes in order; ``as_dict()`` gives them all.
+    Its attributes are the keys of ``System.FIELDS``, in order, each with what it
+    means. Those ending in ``_dir`` or ``_path`` are ``pathlib.Path`` objects, made on
+    first read (no pathlib import before). ``user`` and ``group`` given as None are
+    this process's, looked up on first read: pwd and grp cost more than the rest of
+    resolving, and settings never need them. Holds no secret: the secret key stays in
+    the file at ``secret_key_path``.
     """
 
-    # identity
-    name = _Field("the installation's name, e.g. 'shop_prod'")
-    name_source = _Field("where the name came from: 'argument', 'virtualenv /home/shop_prod', ...")
-    user = _ProcessField("the Unix user the installation runs as")
-    group = _ProcessField("the Unix group of that user")
-    container = _Field("the name with - for _, for host and container names: 'shop-prod'")
-    configuration = _Field("the name before its last underscore: 'shop'")
-    stage_name = _Field("the name after its last underscore: 'prod', 'p2', 'dsven'")
-    stage = _Field("the Stage: the stage name's first letter")
-    core_repo = _Field("the repo below src/: the configuration unless given")
-    core_app = _Field("the main Python package: the core repo unless given")
-    is_debug = _Field("whether DEBUG is on: DEV and INT only")
-    framework = _Field("'django', 'flask' or 'starlette'")
-    server = _Field("'gunicorn', 'uvicorn' or 'hypercorn'")
-    # paths
-    base_dir = _PathField("the installation's directory, its virtualenv: /home/shop_prod")
-    venv_dir = _PathField("the virtualenv: the base dir (for your code; stagetools reads base_dir)")
-    bin_dir = _PathField("the virtualenv's bin/")
-    lib_dir = _PathField("the virtualenv's lib/ (for your code)")
-    src_dir = _PathField("src/, where the repos are")
-    python_path = _PathField("the virtualenv's Python")
-    pip_path = _PathField("the virtualenv's pip")
-    core_repo_dir = _PathField("the repo: src/<core_repo>")
-    static_url = _Field("the URL prefix of static files: 'static/'")
-    static_dir = _PathField("where collectstatic puts static files; nginx serves them")
-    media_url = _Field("the URL prefix of uploads: 'media/'")
-    media_dir = _PathField("where uploads go; nginx serves them to the web, nobody else reads them")
-    run_dir = _PathField("/run/<name>, the directory of the socket")
-    socket_path = _PathField("the Unix socket nginx connects to, held by systemd")
-    secret_key_path = _PathField("the file of the secret key, the user's alone")
-    # entry points
-    application_name = _Field("the entry points' attribute name: 'application' (for your code)")
-    asgi_module = _Field("the module of the ASGI entry point (for your code)")
-    asgi_application = _Field("the ASGI entry point: 'module:attribute'")
-    wsgi_module = _Field("the module of the WSGI entry point (for your code)")
-    wsgi_application = _Field("the WSGI entry point: 'module:attribute'")
-    # Django
-    django_project = _Field("the settings package: 'stagetools_project' (for your code)")
-    django_settings = _Field("DJANGO_SETTINGS_MODULE")
-    django_rooturls = _Field("ROOT_URLCONF")
-    django_wsgi_application = _Field("WSGI_APPLICATION, in Django's dotted form")
-    manage_py_path = _PathField("the repo's manage.py")
-    # database
-    database_name = _Field("the PostgreSQL database: the name")
-    database_user = _Field("the PostgreSQL role: the name")
-    database_sqlite_path = _PathField("the SQLite database: <base_dir>/<core_repo>.sqlite")
-    database_socket_dir = _PathField("PostgreSQL's socket directory")
+    FIELDS = {
+        # identity
+        "name": "the installation's name, e.g. 'shop_prod'",
+        "name_source": "where the name came from: 'argument', 'virtualenv /home/shop_prod', ...",
+        "user": "the Unix user the installation runs as",
+        "group": "the Unix group of that user",
+        "container": "the name with - for _, for host and container names: 'shop-prod'",
+        "configuration": "the name before its last underscore: 'shop'",
+        "stage_name": "the name after its last underscore: 'prod', 'p2', 'dsven'",
+        "stage": "the Stage: the stage name's first letter",
+        "core_repo": "the repo below src/: the configuration unless given",
+        "core_app": "the main Python package: the core repo unless given",
+        "is_debug": "whether DEBUG is on: DEV and INT only",
+        "framework": "'django', 'flask' or 'starlette'",
+        "server": "'gunicorn', 'uvicorn' or 'hypercorn'",
+        # paths
+        "base_dir": "the installation's directory, its virtualenv: /home/shop_prod",
+        "venv_dir": "the virtualenv: the base dir (for your code; stagetools reads base_dir)",
+        "bin_dir": "the virtualenv's bin/",
+        "lib_dir": "the virtualenv's lib/ (for your code)",
+        "src_dir": "src/, where the repos are",
+        "python_path": "the virtualenv's Python",
+        "pip_path": "the virtualenv's pip",
+        "core_repo_dir": "the repo: src/<core_repo>",
+        "static_url": "the URL prefix of static files: 'static/'",
+        "static_dir": "where collectstatic puts static files; nginx serves them",
+        "media_url": "the URL prefix of uploads: 'media/'",
+        "media_dir": "where uploads go; nginx serves them to the web, nobody else reads them",
+        "run_dir": "/run/<name>, the directory of the socket",
+        "socket_path": "the Unix socket nginx connects to, held by systemd",
+        "secret_key_path": "the file of the secret key, the user's alone",
+        # entry points
+        "application_name": "the entry points' attribute name: 'application' (for your code)",
+        "asgi_module": "the module of the ASGI entry point (for your code)",
+        "asgi_application": "the ASGI entry point: 'module:attribute'",
+        "wsgi_module": "the module of the WSGI entry point (for your code)",
+        "wsgi_application": "the WSGI entry point: 'module:attribute'",
+        # Django
+        "django_project": "the settings package: 'stagetools_project' (for your code)",
+        "django_settings": "DJANGO_SETTINGS_MODULE",
+        "django_rooturls": "ROOT_URLCONF",
+        "django_wsgi_application": "WSGI_APPLICATION, in Django's dotted form",
+        "manage_py_path": "the repo's manage.py",
+        # database
+        "database_name": "the PostgreSQL database: the name",
+        "database_user": "the PostgreSQL role: the name",
+        "database_sqlite_path": "the SQLite database: <base_dir>/<core_repo>.sqlite",
+        "database_socket_dir": "PostgreSQL's socket directory",
+    }
 
     def __init__(self, **values):
         if set(values) != set(self.FIELDS):
@@ -324,8 +298,17 @@ class System:
             values["user"], values["group"] = _process_user_and_group()
         return values
 
-    def __getattr__(self, name):  # only for names no field has: copy and pickle ask for hooks
-        raise AttributeError(f"System has no attribute {name!r}")
+    def __getattr__(self, name):
+        if name not in self.FIELDS:  # also copy's and pickle's hooks, before _values exists
+            raise AttributeError(f"System has no attribute {name!r}")
+        value = (self._complete() if name in ("user", "group") else self._values)[name]
+        if name.endswith(("_dir", "_path")):
+            from pathlib import Path
+            value = self.__dict__[name] = Path(value)  # read once
+        return value
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self.FIELDS))
 
     def __setattr__(self, name, value):
         raise AttributeError(f"System is immutable: cannot set {name!r}")
@@ -368,9 +351,6 @@ class System:
         mine, theirs = self._complete(), other._complete()
         return [(name, mine[name], theirs[name]) for name in self.FIELDS
                 if name not in ignore and mine[name] != theirs[name]]
-
-
-System.FIELDS = tuple(name for name, value in vars(System).items() if isinstance(value, _Field))
 
 
 def _build_system(name, name_source, base_dir, user, group,
@@ -472,52 +452,55 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     ``name_source`` attribute says which one was used.
     """
     prefix = os.path.normpath(sys.prefix)
-    basename = os.path.basename
-    tried = []
-    source = None
     if name is not None:
         parse_name(name)
         source = "argument"
     elif os.environ.get(ENV_NAME) is not None:
-        name = os.environ[ENV_NAME]
-        try:
-            parse_name(name)
-        except StagetoolsError as error:
-            raise StagetoolsError(f"environment variable {ENV_NAME}: {error.given}", error.rule,
-                                  error.fix) from None
-        venv_name = basename(prefix)
-        if _name_problem(venv_name) is None and venv_name != name:
-            # A DEV name in a PROD virtualenv would turn DEBUG on next to PROD's data.
-            raise StagetoolsError(f"{ENV_NAME}={name!r}", f"it contradicts the virtualenv "
-                                  f"'{prefix}' of the installation {venv_name!r}",
-                                  f"unset {ENV_NAME} or set it to {venv_name!r}")
-        source = f"environment {ENV_NAME}"
+        name, source = _name_from_environment(prefix), f"environment {ENV_NAME}"
     else:
-        tried.append("argument: not given")
-        tried.append(f"environment {ENV_NAME}: not set")
-        problem = _name_problem(basename(prefix))
-        if problem is None:
-            name, source = basename(prefix), f"virtualenv {prefix}"
-        else:
-            tried.append(f"virtualenv (sys.prefix) '{prefix}': {basename(prefix)!r} is not a "
-                         f"name ({problem})")
-            module_dirs = _module_dirs()
-            for directory in module_dirs:
-                if _venv_named_like_an_installation(directory):
-                    name, source = basename(directory), f"module path {directory}"
-                    break
-            else:
-                tried.append(f"module path '{module_dirs[0]}': no virtualenv above it is "
-                             "named like an installation")
-    if name is None:
-        raise StagetoolsError("cannot tell the installation name", "tried " + "; ".join(tried),
-                              f"set {ENV_NAME}=shop_dev, or run from a virtualenv whose "
-                              "directory is named like the installation (/home/shop_dev)")
+        name, source = _name_from_where_this_runs(prefix)
+    basename = os.path.basename
     base_dir = prefix if basename(prefix) == name else next(
         (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
         prefix)
     return _build_system(name, source, base_dir, None, None,
                          core_repo, core_app, framework, server)
+
+
+def _name_from_environment(prefix):
+    """STAGETOOLS_NAME, refused if invalid or if the virtualenv is another installation."""
+    name = os.environ[ENV_NAME]
+    try:
+        parse_name(name)
+    except StagetoolsError as error:
+        raise StagetoolsError(f"environment variable {ENV_NAME}: {error.given}", error.rule,
+                              error.fix) from None
+    venv_name = os.path.basename(prefix)
+    if _name_problem(venv_name) is None and venv_name != name:
+        # A DEV name in a PROD virtualenv would turn DEBUG on next to PROD's data.
+        raise StagetoolsError(f"{ENV_NAME}={name!r}", f"it contradicts the virtualenv '{prefix}' "
+                              f"of the installation {venv_name!r}",
+                              f"unset {ENV_NAME} or set it to {venv_name!r}")
+    return name
+
+
+def _name_from_where_this_runs(prefix):
+    """(name, source) from the running virtualenv or one above this file, or a refusal
+    that lists every source tried."""
+    venv_name = os.path.basename(prefix)
+    problem = _name_problem(venv_name)
+    if problem is None:
+        return venv_name, f"virtualenv {prefix}"
+    for directory in _module_dirs():
+        if _venv_named_like_an_installation(directory):
+            return os.path.basename(directory), f"module path {directory}"
+    tried = ["argument: not given", f"environment {ENV_NAME}: not set",
+             f"virtualenv (sys.prefix) '{prefix}': {venv_name!r} is not a name ({problem})",
+             f"module path '{_module_dirs()[0]}': no virtualenv above it is named like an "
+             "installation"]
+    raise StagetoolsError("cannot tell the installation name", "tried " + "; ".join(tried),
+                          f"set {ENV_NAME}=shop_dev, or run from a virtualenv whose directory "
+                          "is named like the installation (/home/shop_dev)")
 
 
 def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core_app=None,
@@ -1144,32 +1127,9 @@ def _cmd_new(args):
     # reads static/ only, and Django's storage gives the files there their own modes.
     umask = os.umask(0o077)
     try:
-        _run([args.python, "-m", "venv", directory], "creating the virtualenv")
-        for relative, text in starter.items():
-            target = system.core_repo_dir / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        system.static_dir.mkdir(mode=0o755, exist_ok=True)
-        system.static_dir.chmod(0o755)
-        system.media_dir.mkdir(mode=0o700, exist_ok=True)
-        _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
-             "installing the starter repo and its requirements")
-        if system.framework == "django":
-            manage = [system.python_path, system.manage_py_path]
-            _run(manage + ["makemigrations", system.core_app], "making the first migration")
-            _run(manage + ["migrate", "--no-input"], "migrating the database")
-        else:
-            _run([system.python_path, "-m", system.core_app], "creating the tables")
+        _build_new_installation(system, starter, args.python)
     except BaseException:  # leave nothing half-written: the directory as it was
-        import shutil
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
-            for child in directory.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink()
+        _empty(directory, remove=created)
         raise
     finally:
         os.umask(umask)
@@ -1181,6 +1141,39 @@ def _cmd_new(args):
             core_app=system.core_app, framework=system.framework, server=server)
         print("  " + shlex.join(_server_command(serving, "127.0.0.1", 8000)))
     return 0
+
+
+def _build_new_installation(system, starter, python):
+    """The steps of `new` in the installation's directory: venv, repo, install, database."""
+    _run([python, "-m", "venv", system.base_dir], "creating the virtualenv")
+    for relative, text in starter.items():
+        target = system.core_repo_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    system.static_dir.mkdir(mode=0o755, exist_ok=True)
+    system.static_dir.chmod(0o755)
+    system.media_dir.mkdir(mode=0o700, exist_ok=True)
+    _run([system.pip_path, "install", "--quiet", "--editable", system.core_repo_dir],
+         "installing the starter repo and its requirements")
+    if system.framework == "django":
+        manage = [system.python_path, system.manage_py_path]
+        _run(manage + ["makemigrations", system.core_app], "making the first migration")
+        _run(manage + ["migrate", "--no-input"], "migrating the database")
+    else:
+        _run([system.python_path, "-m", system.core_app], "creating the tables")
+
+
+def _empty(directory, remove):
+    """Remove what `new` made: the directory itself, or what is in it."""
+    import shutil
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink()
 
 
 def _refuse_a_directory_others_could_swap(directory):

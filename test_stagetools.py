@@ -299,7 +299,7 @@ def test_qual_is_not_debug():
     assert system.stage == stagetools.STAGE_QUAL == 1 and not system.is_debug
 
 
-def test_module_constants_are_the_original_levels():
+def test_module_constants_are_the_stage_levels():
     assert [int(stage) for stage in stagetools.STAGES] == [0, 1, 2, 3]
     assert (stagetools.STAGE_PROD, stagetools.STAGE_QUAL, stagetools.STAGE_INT,
             stagetools.STAGE_DEV) == (0, 1, 2, 3)
@@ -817,6 +817,7 @@ def dev_installation(tmp_path_factory, shared_dir):
     return directory, result.stdout
 
 
+@pytest.mark.django
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
 def test_dev_installation__served_by_each_server(dev_installation, server, tmp_path):
     directory, new_output = dev_installation
@@ -835,7 +836,8 @@ def test_dev_installation__served_by_each_server(dev_installation, server, tmp_p
                                     "database_name": str(directory / "shop.sqlite")}
 
 
-def test_dev_installation__layout_of_the_seed(dev_installation):
+@pytest.mark.django
+def test_dev_installation__starter_layout(dev_installation):
     directory, _ = dev_installation
     repo = directory / "src" / "shop"
     for relative in ("setup.py", "aaa_env_setup.py", "aaa_script_setup.py", "manage.py",
@@ -906,6 +908,7 @@ def test_new__refuses_a_directory_another_user_could_swap():
         shutil.rmtree(top)
 
 
+@pytest.mark.django
 def test_missing_aaa_env_setup__says_what_to_create(tmp_path):
     shutil.copy(HERE / "stagetools.py", tmp_path / "stagetools.py")
     shutil.copy(HERE / "stagetools_django.py", tmp_path / "stagetools_django.py")
@@ -950,6 +953,7 @@ def settings_with(directory, line):
         settings_py.write_text(original)
 
 
+@pytest.mark.django
 def test_prod__check_deploy_is_clean(prod_installation):
     result = manage(prod_installation, "check", "--deploy", "--fail-level", "DEBUG")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -960,6 +964,7 @@ def test_prod__check_deploy_is_clean(prod_installation):
     assert silenced.stdout.strip() == "['security.W004', 'security.W008'] False"
 
 
+@pytest.mark.django
 def test_prod__secret_file_0600_outside_the_repo(prod_installation):
     secret = prod_installation / "secret_key"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
@@ -971,6 +976,7 @@ def test_prod__secret_file_0600_outside_the_repo(prod_installation):
             assert key not in path.read_text(errors="replace"), path
 
 
+@pytest.mark.django
 def test_prod__four_gunicorn_workers_share_one_key(prod_installation, tmp_path):
     port = free_port()
     command = [prod_installation / "bin" / "gunicorn", "--workers", "4", "--bind",
@@ -990,6 +996,7 @@ def test_prod__four_gunicorn_workers_share_one_key(prod_installation, tmp_path):
         assert status == 404 and b"Traceback" not in body and b"DEBUG" not in body
 
 
+@pytest.mark.django
 def test_prod__debug_on_in_settings__refused(prod_installation, tmp_path):
     with settings_with(prod_installation, "DEBUG = True"):
         result = manage(prod_installation, "check")
@@ -1010,6 +1017,7 @@ def test_prod__debug_on_in_settings__refused(prod_installation, tmp_path):
             assert returncode >= lowest and "stagetools.E001" in output, (command[0], returncode)
 
 
+@pytest.mark.django
 def test_prod__database_override__warned(prod_installation):
     override = "DATABASES['default']['NAME'] = '/tmp/other.sqlite'"
     with settings_with(prod_installation, override):
@@ -1017,6 +1025,7 @@ def test_prod__database_override__warned(prod_installation):
         assert "stagetools.W003" in result.stderr and "'/tmp/other.sqlite'" in result.stderr
 
 
+@pytest.mark.django
 def test_prod__bad_secret_file__clear_message_nothing_written(prod_installation):
     secret = prod_installation / "secret_key"
     before = sorted(p.name for p in prod_installation.iterdir())
@@ -1118,6 +1127,7 @@ def csrf_post(where, path, fields, cookie_name):
         "Content-Type": "application/x-www-form-urlencoded"})
 
 
+@pytest.mark.django
 @needs_root
 def test_postgresql_installation__peer_auth_migrate_write_read(postgres, shared_dir, tmp_path):
     name = "pgshop_dev"
@@ -1152,6 +1162,7 @@ def test_postgresql_installation__peer_auth_migrate_write_read(postgres, shared_
         assert printed == repr((name, "", env["PGHOST"]))
 
 
+@pytest.mark.django
 def test_settings_defaults__per_installation_and_stage(tmp_path, monkeypatch):
     import stagetools_django
     monkeypatch.delenv("PGHOST", raising=False)

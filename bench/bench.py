@@ -1,4 +1,4 @@
-"""The benchmarks of issue 7: what stagetools costs next to the alternatives.
+"""The benchmarks: what stagetools costs next to the alternatives.
 
 Run it through ``bash bench/run [--smoke]``, which makes the venv bench/.venv
 with the pinned requirements.txt. Every candidate run is paired with a run of
@@ -42,6 +42,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import stagetools  # noqa: E402 (the repo's own module: standard library only)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -91,20 +94,11 @@ from django.urls import include, path
 urlpatterns = [path("admin/", admin.site.urls), path("", include("shop.urls"))]
 urlpatterns += staticfiles_urlpatterns()
 """
-STAGETOOLS_PROJECT = {  # the starter files of `stagetools new`
-    "aaa_env_setup.py": "import os\n\nfrom stagetools import get_actual_system_from_name\n\n"
-                        "SYSTEM = get_actual_system_from_name()\n"
-                        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', SYSTEM.django_settings)\n",
-    "manage.py": "import sys\n\nimport stagetools_django\n\nsys.exit(stagetools_django.manage())\n",
-    "stagetools_project/__init__.py": "",
-    "stagetools_project/settings.py": "from stagetools_django import settings_defaults\n\n"
-                                      "globals().update(settings_defaults('sqlite'))\n",
-    "stagetools_project/urls.py": URLS,
-    # benchmark 3's baseline: Django's own entry point on the same settings
-    "plain_asgi.py": "import os\n\nfrom django.core.asgi import get_asgi_application\n\n"
-                     "os.environ.setdefault('DJANGO_SETTINGS_MODULE', "
-                     "'stagetools_project.settings')\napplication = get_asgi_application()\n",
-}
+# Benchmark 3's baseline: Django's own entry point on the same settings.
+PLAIN_ASGI = {"plain_asgi.py": "import os\n\nfrom django.core.asgi import get_asgi_application\n\n"
+                               "os.environ.setdefault('DJANGO_SETTINGS_MODULE', "
+                               "'stagetools_project.settings')\n"
+                               "application = get_asgi_application()\n"}
 PLAIN_PROJECT = {  # what django-admin startproject makes; settings.py is written out below
     "manage.py": "import os\nimport sys\n\n\ndef main():\n"
                  "    os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'plain_project.settings')\n"
@@ -134,12 +128,11 @@ def write_files(root, files):
 
 
 def make_fixtures(tmp):
-    """<tmp>/shop_prod/src/shop: a stagetools installation; <tmp>/plain: plain Django."""
-    project = tmp / NAME / "src" / "shop"
-    for module in ("stagetools.py", "stagetools_django.py"):
-        project.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / module, project / module)
-    write_files(project, {**STAGETOOLS_PROJECT, **APP})
+    """<tmp>/shop_prod/src/shop: the starter repo that `stagetools new` writes, with the
+    benchmark's app in it; <tmp>/plain: the same app in plain Django files."""
+    system = stagetools.get_expected_system_from_name(NAME, base_dir=tmp / NAME)
+    project = system.core_repo_dir
+    write_files(project, {**stagetools.render_starter(system, "sqlite"), **APP, **PLAIN_ASGI})
     plain = tmp / "plain"
     write_files(plain, {**PLAIN_PROJECT, **APP})
     settings = run([PYTHON, "-c", WRITE_PLAIN_SETTINGS], project)[2]
