@@ -16,13 +16,37 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
 """
 
 import importlib.util
+import os
 import sys
 
 import stagetools
 
 # The entry points asgi_application and wsgi_application are left out: a star import
 # would build Django's application.
-__all__ = ["check_settings", "manage", "settings_defaults"]
+__all__ = ["check_settings", "csrf_failure", "manage", "settings_defaults"]
+
+
+class StagetoolsShadowedError(ImportError):
+    """Something else than stagetools.py was imported as ``stagetools``."""
+
+
+# Error paths must work even when ``stagetools`` is not the module (a folder of that name
+# on sys.path shadows it): catch its error class only if it has one.
+_ERRORS = (StagetoolsShadowedError,) + tuple(
+    error for error in [getattr(stagetools, "StagetoolsError", None)] if error is not None)
+
+
+def _check_not_shadowed():
+    """Refuse, naming the culprit, if ``import stagetools`` found something else (a folder
+    named stagetools without __init__.py is a namespace package that hides the module)."""
+    if hasattr(stagetools, "get_actual_system_from_name"):
+        return
+    where = getattr(stagetools, "__file__", None) or ", ".join(
+        getattr(stagetools, "__path__", None) or ["an unknown location"])
+    raise StagetoolsShadowedError(
+        f"'import stagetools' found {where} (a folder or module named stagetools that comes "
+        f"first on sys.path), not stagetools.py: rename it, or run from another directory "
+        f"(python {sys.executable})")
 
 # Production (QUAL and PROD) runs behind a TLS-terminating nginx on the same host
 # that redirects HTTP to HTTPS and sets X-Forwarded-Proto (see the README).
@@ -40,6 +64,7 @@ importable by the server and by manage, with:
 
 def _env_setup():
     """Import aaa_env_setup first, as every entry point must; return the installation's system."""
+    _check_not_shadowed()
     try:
         module = importlib.import_module("aaa_env_setup")
     except ModuleNotFoundError as error:
@@ -59,15 +84,18 @@ def settings_defaults(database="sqlite", system=None):
     (database and role named after the installation, peer authentication over
     the local socket, no password).
     """
-    stagetools._check_choice("database", database, stagetools.DATABASES)
     system = system or _env_setup()
+    stagetools._check_choice("database", database, stagetools.DATABASES)
     # Registered here, because every stagetools settings module comes through here.
     from django.core import checks
     checks.register(check_settings)
     production = not system.is_debug
+    project_dir = _project_dir(system)
     settings = {
         "STAGETOOLS_NAME": system.name,
-        "BASE_DIR": system.base_dir,
+        # Django's meaning: the directory of manage.py. The installation's own paths are the
+        # system's attributes (base_dir, static_dir, ...), never BASE_DIR.
+        "BASE_DIR": project_dir,
         # SECURITY WARNING: DEBUG is off in QUAL and PROD, and a check refuses it there.
         "DEBUG": system.is_debug,
         # SECURITY WARNING: the key lives in a 0600 file of the installation, not in the repo.
@@ -91,7 +119,9 @@ def settings_defaults(database="sqlite", system=None):
         "WSGI_APPLICATION": system.django_wsgi_application,
         "TEMPLATES": [{
             "BACKEND": "django.template.backends.django.DjangoTemplates",
-            "DIRS": [], "APP_DIRS": True,
+            # A project's own templates folder, as most projects have it; Django skips a
+            # folder that does not exist.
+            "DIRS": [project_dir / "templates"], "APP_DIRS": True,
             "OPTIONS": {"context_processors": [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
@@ -120,8 +150,20 @@ def settings_defaults(database="sqlite", system=None):
         "CSRF_COOKIE_SECURE": production,
         "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https") if production else None,
         "SILENCED_SYSTEM_CHECKS": list(_SILENCED_IN_PRODUCTION) if production else [],
+        # Says why a form fails in QUAL/PROD over plain HTTP: the cookies need HTTPS.
+        "CSRF_FAILURE_VIEW": "stagetools_django.csrf_failure",
+        # Finds the project's tests from any working directory (Django's looks in ".").
+        "TEST_RUNNER": "stagetools_django.TestRunner",
     }
     return settings
+
+
+def _project_dir(system):
+    """The directory that holds the settings package (and manage.py): Django's BASE_DIR."""
+    from pathlib import Path
+    spec = importlib.util.find_spec(system.django_project)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]).resolve().parent if locations else system.core_repo_dir
 
 
 def _databases(system):
@@ -141,9 +183,8 @@ def check_settings(app_configs=None, **kwargs):
     from django.conf import settings
     from django.core.checks import Error, Warning
 
-    name = getattr(settings, "STAGETOOLS_NAME", None)
-    if name is None:
-        return []
+    # Judged against the system this process runs in, never against a setting that a
+    # settings file may delete or change.
     system = _env_setup()
     problems = []
     if settings.DEBUG and not system.is_debug:
@@ -151,7 +192,8 @@ def check_settings(app_configs=None, **kwargs):
             f"DEBUG is on in the {system.stage.name} installation {system.name!r}",
             hint="remove DEBUG = True from your settings: DEBUG is for DEV and INT only",
             id="stagetools.E001"))
-    if name != system.name:
+    name = getattr(settings, "STAGETOOLS_NAME", None)
+    if name is not None and name != system.name:
         problems.append(Warning(
             f"settings were made for {name!r} but this process runs in {system.name!r}",
             hint="do not copy settings between installations; let stagetools fill them in",
@@ -164,7 +206,34 @@ def check_settings(app_configs=None, **kwargs):
             f"the default database is {database.get('NAME')!r}, not the installation's "
             f"{wanted!r}", hint="remove the NAME override from DATABASES in your settings",
             id="stagetools.W003"))
+    installed = {entry.split(".")[0] for entry in settings.INSTALLED_APPS}
+    if system.core_app not in installed:
+        problems.append(Warning(
+            f"the core app {system.core_app!r} of {system.name!r} is not in INSTALLED_APPS"
+            + ("" if importlib.util.find_spec(system.core_app) else
+               f" (no package {system.core_app!r} is importable)"),
+            hint="name your app in aaa_env_setup.py: get_actual_system_from_name("
+                 "core_app=\"yourapp\"); add further apps with INSTALLED_APPS += [\"other\"]",
+            id="stagetools.W004"))
     return problems
+
+
+def csrf_failure(request, reason=""):
+    """Django's CSRF failure view, which also says, and logs, when the cause is plain HTTP in
+    QUAL or PROD: browsers keep Secure cookies for HTTPS, so every form fails with 403."""
+    from django.conf import settings
+    from django.views.csrf import csrf_failure as django_csrf_failure
+    if not (settings.CSRF_COOKIE_SECURE and not request.is_secure()):
+        return django_csrf_failure(request, reason)
+    import logging
+    from django.http import HttpResponseForbidden
+    name = getattr(settings, "STAGETOOLS_NAME", "this installation")
+    message = (f"stagetools: 403 on {request.method} {request.path} ({reason}): this request "
+               f"came over plain HTTP, but {name} sets Secure cookies (QUAL and PROD), which browsers send over HTTPS only. "
+               "Serve it behind the TLS-terminating nginx that sets X-Forwarded-Proto "
+               "(see the README), or use a DEV or INT installation for plain HTTP")
+    logging.getLogger("stagetools_django").warning(message)
+    return HttpResponseForbidden(message + "\n", content_type="text/plain; charset=utf-8")
 
 
 def _build_application(get_application):
@@ -212,15 +281,42 @@ class _LazyASGIApplication:
 asgi_application = _LazyASGIApplication()
 
 
+def _make_test_runner():
+    """Django's DiscoverRunner that, given no test labels, discovers the tests of the project
+    (BASE_DIR) instead of the working directory, and refuses when it has no project."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test.runner import DiscoverRunner
+
+    class TestRunner(DiscoverRunner):
+        def build_suite(self, test_labels=None, *args, **kwargs):
+            if not test_labels:
+                project_dir = getattr(settings, "BASE_DIR", None)
+                if project_dir is None or not os.path.isdir(project_dir):
+                    raise ImproperlyConfigured(
+                        f"no project directory to find tests in (BASE_DIR {project_dir!r}); "
+                        "give test labels, for example: python -m stagetools_django test "
+                        "yourapp")
+                test_labels = [str(project_dir)]
+            return super().build_suite(test_labels, *args, **kwargs)
+
+    TestRunner.__module__ = __name__
+    return TestRunner
+
+
 def __getattr__(attribute):
     """``wsgi_application``, built when a WSGI server looks it up (PEP 562), so that a
-    broken installation fails at start-up: WSGI has no lifespan to do it in."""
-    if attribute != "wsgi_application":
+    broken installation fails at start-up: WSGI has no lifespan to do it in. ``TestRunner``
+    (the TEST_RUNNER setting), so that importing this module imports no Django."""
+    if attribute == "TestRunner":
+        value = _make_test_runner()
+    elif attribute == "wsgi_application":
+        from django.core.wsgi import get_wsgi_application
+        value = _build_application(get_wsgi_application)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    from django.core.wsgi import get_wsgi_application
-    application = _build_application(get_wsgi_application)
-    globals()[attribute] = application
-    return application
+    globals()[attribute] = value
+    return value
 
 
 def manage(argv=None):
@@ -232,7 +328,7 @@ def manage(argv=None):
         _env_setup()
         # Load settings here: Django's own command runner hides errors in them.
         settings.INSTALLED_APPS
-    except (stagetools.StagetoolsError, ImproperlyConfigured) as error:
+    except _ERRORS + (ImproperlyConfigured,) as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
     execute_from_command_line(argv or sys.argv)
