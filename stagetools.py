@@ -601,6 +601,10 @@ server {{
 
     location /{system.static_url} {{
         alias {system.static_dir}/;
+        # Names with a content hash (Django's ManifestStaticFilesStorage) never change.
+        location ~ "\\.[0-9a-f]{{12}}\\.[^/]+$" {{
+            add_header Cache-Control "public, max-age=31536000, immutable";
+        }}
     }}
     location /{system.media_url} {{
         alias {system.media_dir}/;
@@ -1082,6 +1086,14 @@ def _parser():
     new.add_argument("--python", default=sys.executable,
                      help="the Python of the venv; its user must be able to run it "
                      "(default: this one)")
+    adopt = commands.add_parser("adopt", help="adopt a Django project made by django-admin "
+                                "startproject, in place; prints what is left to do by hand")
+    adopt.add_argument("directory", help="the project's top directory, with manage.py")
+    adopt.add_argument("--database", choices=DATABASES, default="sqlite")
+    adopt.add_argument("--core-repo", help="the repo's name below src/ in installations, "
+                       "their configuration (default: the directory's name)")
+    adopt.add_argument("--core-app", help="the project's main app (default: the first of its "
+                       "own apps in INSTALLED_APPS)")
     check = commands.add_parser("check", help="compare an installation on disk with its "
                                 "expected system; exit 1 on any difference")
     _add_system_options(check)
@@ -1170,6 +1182,293 @@ def _cmd_new(args):
     return 0
 
 
+# Settings that stagetools derives from the installation: adopt removes them from settings.py.
+_ADOPT_DERIVED_SETTINGS = {
+    "SECRET_KEY": "a 0600 file of the installation",
+    "DEBUG": "on in DEV and INT only",
+    "DATABASES": "the installation's database",
+    "ROOT_URLCONF": "stagetools_project.urls",
+    "WSGI_APPLICATION": "stagetools_django:wsgi_application",
+    "ASGI_APPLICATION": "stagetools_django:asgi_application",
+    "STATIC_URL": "served by the installation's nginx site",
+    "STATIC_ROOT": "static_dir",
+    "MEDIA_URL": "served by the installation's nginx site",
+    "MEDIA_ROOT": "media_dir",
+}
+# What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
+_ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
+                           "from django.core.asgi import get_asgi_application",
+                           "application = get_wsgi_application()",
+                           "application = get_asgi_application()"}
+
+
+def _adopt_refuse(directory, rule, fix):
+    raise StagetoolsError(f"cannot adopt '{directory}': {rule}; {fix}")
+
+
+def _adopt_parse_settings(directory, source, package):
+    """The settings module's syntax tree and its INSTALLED_APPS (a list of strings)."""
+    import ast
+    try:
+        module = ast.parse(source)
+    except SyntaxError as error:
+        _adopt_refuse(directory, f"{package}/settings.py does not parse ({error.msg}, line "
+                      f"{error.lineno})", "fix it so that Django can load it, then adopt")
+    apps = []
+    for statement in module.body:
+        if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)
+                and statement.targets[0].id == "INSTALLED_APPS"):
+            try:
+                apps = [app for app in ast.literal_eval(statement.value) if isinstance(app, str)]
+            except (ValueError, TypeError, SyntaxError):
+                apps = []
+    return module, apps
+
+
+def _adopt_settings(module, source, database):
+    """settings.py rewritten to start from settings_defaults(): (text, removed, notes)."""
+    import ast
+    lines = source.splitlines(keepends=True)
+    drop, removed, notes, replacements = set(), [], [], {}
+    for statement in module.body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, ast.AnnAssign) else []
+        names = [target.id for target in targets if isinstance(target, ast.Name)]
+        if len(names) != 1 or len(targets) != 1:
+            continue
+        name, first, last = names[0], statement.lineno - 1, statement.end_lineno
+        value = ast.get_source_segment(source, statement.value) if statement.value else ""
+        if name == "ALLOWED_HOSTS" and isinstance(statement.value, ast.List):
+            if statement.value.elts:  # the project's own domains, added to stagetools' own
+                replacements[first] = (last, f"ALLOWED_HOSTS += {value}\n")
+                continue
+        elif name == "ALLOWED_HOSTS":
+            notes.append(f"settings.py set ALLOWED_HOSTS = {value}; stagetools sets "
+                         "localhost names: add your domains with ALLOWED_HOSTS += [...]")
+        elif name not in _ADOPT_DERIVED_SETTINGS:
+            continue
+        if name == "DATABASES" and "sqlite3" not in value:
+            notes.append("settings.py had a DATABASES other than SQLite: for PostgreSQL use "
+                         'settings_defaults("postgresql") (peer authentication, see the README)')
+        removed.append(name)
+        while first > 0 and lines[first - 1].lstrip().startswith("#"):
+            first -= 1  # the comment that explained the removed setting goes with it
+        drop.update(range(first, last))
+    head = 0
+    for statement in module.body:  # after the leading imports, before the first setting
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            head = statement.end_lineno
+        elif not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)):
+            break
+    result = []
+    for number, line in enumerate(lines):
+        if number in replacements:
+            last, text = replacements[number]
+            result.append(text)
+            drop.update(range(number + 1, last))
+        elif number not in drop:
+            result.append(line)
+        if number == head - 1:
+            result.append(f'\nfrom stagetools_django import settings_defaults\n\n'
+                          f'globals().update(settings_defaults("{database}"))\n')
+    if head == 0:
+        result.insert(0, f'from stagetools_django import settings_defaults\n\n'
+                         f'globals().update(settings_defaults("{database}"))\n\n')
+    text = "".join(result)
+    while "\n\n\n\n" in text:
+        text = text.replace("\n\n\n\n", "\n\n\n")
+    return text, removed, notes
+
+
+def _adopt_is_startproject_entry_point(path):
+    """True if a wsgi.py/asgi.py does only what django-admin startproject's does."""
+    import ast
+    try:
+        module = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SyntaxError):
+        return False
+    for statement in module.body:
+        code = ast.unparse(statement)
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # the docstring
+        if code not in _ADOPT_ENTRY_POINT_CODE and not code.startswith(
+                "os.environ.setdefault('DJANGO_SETTINGS_MODULE'"):
+            return False
+    return True
+
+
+def _adopt_requirements(directory):
+    """The names in requirements.txt, if any: plain requirement lines only."""
+    path = directory / "requirements.txt"
+    if not path.is_file():
+        return []
+    lines = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("-")]
+
+
+def _adopt_write(path, text):
+    """Write a file whole or not at all: a temporary file renamed into place."""
+    temporary = path.with_name(f".{path.name}.adopt-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _adopt_apply(directory, package, settings_text, removed, manage_text, removable, files,
+                 database):
+    """Change the tree as _cmd_adopt decided, saying each step."""
+    os.rename(directory / package, directory / DJANGO_PROJECT)
+    print(f"renamed {package}/ to {DJANGO_PROJECT}/ (the settings package of every "
+          "stagetools installation)")
+    _adopt_write(directory / DJANGO_PROJECT / "settings.py", settings_text)
+    print(f"rewrote {DJANGO_PROJECT}/settings.py: settings_defaults(\"{database}\") "
+          f"first; removed {', '.join(removed) or 'nothing'} (stagetools derives them)")
+    _adopt_write(directory / "manage.py", manage_text)
+    print(f"replaced manage.py (it set DJANGO_SETTINGS_MODULE to {package}.settings) with "
+          "one that calls stagetools_django.manage()")
+    for path in removable:
+        (directory / DJANGO_PROJECT / path.name).unlink()
+    if removable:
+        print(f"removed {', '.join(f'{DJANGO_PROJECT}/{p.name}' for p in removable)} (the "
+              "entry points are stagetools_django:wsgi_application and :asgi_application)")
+    for name, text in files.items():
+        _adopt_write(directory / name, text)
+    print(f"wrote {', '.join(files)}")
+
+
+def _adopt_mentions(directory, package, skipped):
+    """'path:line' of each line of the project's Python files that names the old package;
+    virtualenvs and hidden folders are not the project's."""
+    import re
+    pattern = re.compile(rf"\b{re.escape(package)}\.|\bimport {re.escape(package)}\b")
+    mentions = []
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
+                               and name not in ("node_modules", "__pycache__")
+                               and not os.path.exists(os.path.join(folder, name, "pyvenv.cfg")))
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or os.path.relpath(path, directory) in skipped:
+                continue
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for number, line in enumerate(file, 1):
+                    if pattern.search(line):
+                        mentions.append(f"{os.path.relpath(path, directory)}:{number}")
+    return mentions
+
+
+def _cmd_adopt(args):
+    """Adopt a Django project made by django-admin startproject, in place: the settings
+    package becomes stagetools_project, the aaa modules, manage.py, the packaging file and
+    both stagetools modules are written; it prints what is left to do by hand."""
+    import json
+    import re
+    import string
+    from pathlib import Path
+    directory = Path(args.directory).absolute()
+    manage_py = directory / "manage.py"
+    if not manage_py.is_file():
+        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
+                      "project's manage.py (the top of the repo)")
+    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
+                      manage_py.read_text(encoding="utf-8", errors="replace"))
+    if not found or "." in found.group(1):
+        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE to "
+                      "'PACKAGE.settings' as django-admin startproject writes it",
+                      "adopt by hand: see the README, 'Adopting stagetools in an existing "
+                      "Django project'")
+    package = found.group(1)
+    if package == DJANGO_PROJECT:
+        _adopt_refuse(directory, f"its settings package is {DJANGO_PROJECT} already",
+                      "nothing to adopt; run its tests with: python -m stagetools_django test")
+    settings_py = directory / package / "settings.py"
+    if not settings_py.is_file():
+        _adopt_refuse(directory, f"manage.py names {package}.settings, but "
+                      f"{package}/settings.py is not a file", "adopt by hand (see the README)")
+    core_repo = args.core_repo or directory.name
+    if not (core_repo.isidentifier() and core_repo.isascii()):
+        _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
+                      "the repo's name below src/ is the configuration of its installations",
+                      "give --core-repo NAME (letters, digits, _), for example --core-repo shop")
+    source = settings_py.read_text(encoding="utf-8")
+    module, apps = _adopt_parse_settings(directory, source, package)
+    local_apps = [app.split(".")[0] for app in apps
+                  if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
+    core_app = args.core_app or (local_apps[0] if local_apps else core_repo)
+    system = get_expected_system_from_name(f"{core_repo.lower()}_dev", core_repo=core_repo,
+                                           core_app=core_app)
+    if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
+        _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
+                      "run adopt as the user who owns the project")
+    try:
+        starter = _render_starter(system, args.database)
+    except OSError as error:
+        raise StagetoolsError(f"cannot read stagetools_django.py next to stagetools.py "
+                              f"({error}): adopt copies both into the project") from None
+    written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
+               "stagetools_django.py"]
+    in_the_way = [name for name in written + [DJANGO_PROJECT] if (directory / name).exists()]
+    if in_the_way:
+        _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt "
+                      "would write", "adopt a project that has none of them, or finish by "
+                      "hand (see the README)")
+    packaging = [name for name in ("setup.py", "pyproject.toml", "setup.cfg")
+                 if (directory / name).exists()]
+    py_modules = json.loads(re.search(r"py_modules=(\[.*?\])", starter["setup.py"]).group(1))
+    files = {name: starter[name] for name in written}
+    if not packaging:
+        requirements = _REQUIREMENTS["django"] + _DATABASE_REQUIREMENTS[args.database]
+        requirements += [line for line in _adopt_requirements(directory)
+                         if re.split(r"[\s<>=!~;\[]", line)[0].lower()
+                         not in {name.lower() for name in requirements}]
+        files["setup.py"] = string.Template(_STARTER_SETUP).substitute(
+            core_repo=core_repo, py_modules=json.dumps(py_modules),
+            requirements=json.dumps(requirements))
+    settings_text, removed, notes = _adopt_settings(module, source, args.database)
+    entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
+                    if (directory / package / name).exists()]
+    removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
+
+    # Everything is known and checked: now change the tree.
+    try:
+        _adopt_apply(directory, package, settings_text, removed, starter["manage.py"],
+                     removable, files, args.database)
+    except OSError as error:
+        raise StagetoolsError(f"adopting '{directory}' stopped: {error}; every file is whole, "
+                              "but the steps printed above are all that was done: undo "
+                              "them (git checkout) or finish by hand") from None
+
+    todo = list(notes)
+    for path in sorted(set(entry_points) - set(removable)):
+        todo.append(f"{DJANGO_PROJECT}/{path.name} does more than startproject's: move what "
+                    "it adds into settings or middleware, then delete it (the entry points "
+                    "are stagetools_django:wsgi_application and :asgi_application)")
+    if packaging:
+        todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
+                    f"{DJANGO_PROJECT} and {core_app} (the README shows a whole setup.py)")
+    mentions = _adopt_mentions(directory, package, set(written))
+    if mentions:
+        todo.append(f"these lines name {package}, which is {DJANGO_PROJECT} now: "
+                    f"{', '.join(mentions)}")
+    if core_app not in [app.split(".")[0] for app in apps]:
+        todo.append(f"the core app {core_app!r} is not in INSTALLED_APPS: give --core-app, or "
+                    "edit core_app in aaa_env_setup.py")
+    if (directory / "db.sqlite3").exists():
+        todo.append("your data stays in db.sqlite3; an installation uses its own database "
+                    f"({system.database_sqlite_path.name} in the virtualenv's directory): "
+                    "copy it there if you want the data")
+    todo.append(f"make a virtualenv named like an installation and install the repo into it: "
+                f"python3 -m venv ~/{system.name} && ~/{system.name}/bin/pip install -e "
+                f"{directory}")
+    todo.append(f"then, from anywhere: ~/{system.name}/bin/python -m stagetools_django "
+                f"migrate (and test, runserver, ...); serve with ~/{system.name}/bin/uvicorn "
+                "stagetools_django:asgi_application")
+    print("\nLeft to do by hand:")
+    for number, item in enumerate(todo, 1):
+        print(f"  {number}. {item}")
+    return 0
+
+
 def _cmd_check(args):
     import json
     if not args.name:
@@ -1200,7 +1499,8 @@ def main(argv=None):
         if args.command in ("new", "check") and os.name != "posix":
             raise StagetoolsError(f"{args.command} works on Linux installations (users, "
                                   "venvs with bin/, systemd): run it on the server")
-        return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
+        return {"show": _cmd_show, "new": _cmd_new, "adopt": _cmd_adopt,
+                "check": _cmd_check}[args.command](args)
     except StagetoolsError as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
