@@ -1370,6 +1370,9 @@ def _cmd_adopt(args):
     if not manage_py.is_file():
         _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
                       "project's manage.py (the top of the repo)")
+    if (directory / DJANGO_PROJECT).exists():
+        _adopt_refuse(directory, f"it has {DJANGO_PROJECT}/ already: it is adopted",
+                      "nothing to adopt; run its tests with: python -m stagetools_django test")
     found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
                       manage_py.read_text(encoding="utf-8", errors="replace"))
     if not found or "." in found.group(1):
@@ -1378,9 +1381,6 @@ def _cmd_adopt(args):
                       "adopt by hand: see the README, 'Adopting stagetools in an existing "
                       "Django project'")
     package = found.group(1)
-    if package == DJANGO_PROJECT:
-        _adopt_refuse(directory, f"its settings package is {DJANGO_PROJECT} already",
-                      "nothing to adopt; run its tests with: python -m stagetools_django test")
     settings_py = directory / package / "settings.py"
     if not settings_py.is_file():
         _adopt_refuse(directory, f"manage.py names {package}.settings, but "
