@@ -1428,6 +1428,7 @@ def lines_changed(directory):
     git(directory, "add", "--all")
     numstat = git(directory, "diff", "--cached", "--numstat", "--find-renames", "--",
                   ".", ":!stagetools.py", ":!stagetools_django.py")
+    print(f"\ngit diff --numstat of the adoption in {directory}:\n{numstat}")
     rows = [line.split("\t") for line in numstat.splitlines()]
     return len(rows), sum(int(row[0]) for row in rows), sum(int(row[1]) for row in rows)
 
@@ -1489,6 +1490,10 @@ def test_adopt__same_tests_from_anywhere_and_pages_served(adopted_library, tmp_p
     files, added, removed = adopted_library["changed"]
     print(f"\nadopt changed {files} files, +{added} -{removed} lines (without the two "
           "copied modules); lines the user changes by hand: 0")
+    import django
+    if django.VERSION[:2] == (5, 2):  # startproject's files differ between Django versions
+        assert (f"command changes {files} files, +{added} \u2212{removed} lines"
+                in (HERE / "README.md").read_text())
     assert not (project / "locallibrary").exists()
     assert not (project / "stagetools_project" / "wsgi.py").exists()
     settings_py = (project / "stagetools_project" / "settings.py").read_text()
@@ -1636,3 +1641,51 @@ def test_prod__debug_on_and_stagetools_name_deleted__still_refused(prod_installa
     with settings_with(prod_installation, "DEBUG = True\ndel STAGETOOLS_NAME"):
         result = manage(prod_installation, "check")
     assert result.returncode == 1 and "stagetools.E001" in result.stderr, result.stderr
+
+
+def readme_adoption_blocks():
+    """The Python code blocks of the README's adoption section, dedented, in order."""
+    import textwrap
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("## Adopting stagetools in an existing Django project")[1]
+    section = section.split("\n## ")[0]
+    return [textwrap.dedent(block) for block in
+            re.findall(r"^( *)```python\n(.*?)^\1```", section, re.M | re.S)
+            for block in [block[1]]]
+
+
+def test_adopt__by_hand_following_the_readme(tmp_path, shared_dir):
+    project = tmp_path / "locallibrary"
+    make_library_project(project)
+    before = test_counts(run([sys.executable, "manage.py", "test"], cwd=project).stderr)
+    # Steps 1 and 2: rename the package, delete its entry points, copy the modules.
+    (project / "locallibrary").rename(project / "stagetools_project")
+    for name in ("wsgi.py", "asgi.py"):
+        (project / "stagetools_project" / name).unlink()
+    for module in ("stagetools.py", "stagetools_django.py"):
+        shutil.copy(HERE / module, project / module)
+    # Steps 3 to 6: each file as the README's block that names it in its first line.
+    written = []
+    for block in readme_adoption_blocks():
+        first = block.splitlines()[0]
+        path = "manage.py" if first.startswith("#!") else first[2:] if re.fullmatch(
+            r"# [\w/]+\.py", first) else None
+        if path:
+            (project / path).write_text(block)
+            written.append(path)
+    assert sorted(written) == ["aaa_env_setup.py", "aaa_script_setup.py", "manage.py",
+                               "setup.py", "stagetools_project/settings.py"]
+    files, added, removed = lines_changed(project)
+    print(f"\nby hand: {files} files, +{added} -{removed} lines (without the two modules)")
+    readme = (HERE / "README.md").read_text()
+    import django
+    if django.VERSION[:2] == (5, 2):  # startproject's files differ between Django versions
+        assert (f"the user adds or changes {added} lines and removes {removed} in {files} "
+                "files") in readme
+    # Step 7, from outside the repo: the same tests with the same result.
+    venv = library_venv(tmp_path / "locallibrary_int", project, shared_dir)
+    after = run([venv / "bin" / "python", "-m", "stagetools_django", "test"], cwd="/",
+                check=False)
+    assert test_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
+    check = run([venv / "bin" / "python", "-m", "stagetools_django", "check"], cwd="/")
+    assert "no issues" in check.stdout, check.stdout + check.stderr
