@@ -1183,18 +1183,9 @@ def _cmd_new(args):
 
 
 # Settings that stagetools derives from the installation: adopt removes them from settings.py.
-_ADOPT_DERIVED_SETTINGS = {
-    "SECRET_KEY": "a 0600 file of the installation",
-    "DEBUG": "on in DEV and INT only",
-    "DATABASES": "the installation's database",
-    "ROOT_URLCONF": "stagetools_project.urls",
-    "WSGI_APPLICATION": "stagetools_django:wsgi_application",
-    "ASGI_APPLICATION": "stagetools_django:asgi_application",
-    "STATIC_URL": "served by the installation's nginx site",
-    "STATIC_ROOT": "static_dir",
-    "MEDIA_URL": "served by the installation's nginx site",
-    "MEDIA_ROOT": "media_dir",
-}
+_ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "WSGI_APPLICATION",
+                           "ASGI_APPLICATION", "STATIC_URL", "STATIC_ROOT", "MEDIA_URL",
+                           "MEDIA_ROOT")
 # What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
 _ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
                            "from django.core.asgi import get_asgi_application",
@@ -1216,6 +1207,11 @@ def _adopt_parse_settings(directory, source, package):
                       f"{error.lineno})", "fix it so that Django can load it, then adopt")
     apps = []
     for statement in module.body:
+        if isinstance(statement, ast.ImportFrom) and (statement.level or any(
+                alias.name == "*" for alias in statement.names)):
+            _adopt_refuse(directory, f"{package}/settings.py imports other settings (line "
+                          f"{statement.lineno}), unlike startproject's",
+                          "adopt by hand (see the README)")
         if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
                 and isinstance(statement.targets[0], ast.Name)
                 and statement.targets[0].id == "INSTALLED_APPS"):
@@ -1310,8 +1306,12 @@ def _adopt_requirements(directory):
 def _adopt_write(path, text):
     """Write a file whole or not at all: a temporary file renamed into place."""
     temporary = path.with_name(f".{path.name}.adopt-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _adopt_apply(directory, package, settings_text, removed, manage_text, removable, files,
@@ -1390,7 +1390,11 @@ def _cmd_adopt(args):
         _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
                       "the repo's name below src/ is the configuration of its installations",
                       "give --core-repo NAME (letters, digits, _), for example --core-repo shop")
-    source = settings_py.read_text(encoding="utf-8")
+    try:
+        source = settings_py.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        _adopt_refuse(directory, f"cannot read {package}/settings.py ({error})",
+                      "make it a readable UTF-8 file")
     module, apps = _adopt_parse_settings(directory, source, package)
     local_apps = [app.split(".")[0] for app in apps
                   if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
@@ -1407,7 +1411,7 @@ def _cmd_adopt(args):
                               f"({error}): adopt copies both into the project") from None
     written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
                "stagetools_django.py"]
-    in_the_way = [name for name in written + [DJANGO_PROJECT] if (directory / name).exists()]
+    in_the_way = [name for name in written if (directory / name).exists()]
     if in_the_way:
         _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt "
                       "would write", "adopt a project that has none of them, or finish by "

@@ -1591,10 +1591,16 @@ def test_adopt__refuses_what_it_does_not_expect_and_changes_nothing(tmp_path):
     unnamed = tmp_path / "my-site"
     unnamed.mkdir()
     run([sys.executable, "-m", "django", "startproject", "mysite", unnamed])
+    split = tmp_path / "split"
+    split.mkdir()
+    run([sys.executable, "-m", "django", "startproject", "split", split])
+    with open(split / "split" / "settings.py", "a") as settings_py:
+        settings_py.write("from .local import *\n")
     for directory, message in [(bare, "it has no manage.py"),
                                (custom, "does not set DJANGO_SETTINGS_MODULE"),
                                (blocked, "it has aaa_env_setup.py already"),
-                               (unnamed, "give --core-repo NAME")]:
+                               (unnamed, "give --core-repo NAME"),
+                               (split, "settings.py imports other settings")]:
         before = tree(directory)
         result = cli("adopt", directory)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
