@@ -32,7 +32,7 @@ class StagetoolsShadowedError(ImportError):
 
 # Error paths must work even when ``stagetools`` is not the module (a folder of that name
 # on sys.path shadows it): catch its error class only if it has one.
-_ERRORS = (StagetoolsShadowedError,) + tuple(
+_SETUP_ERRORS = (StagetoolsShadowedError,) + tuple(
     error for error in [getattr(stagetools, "StagetoolsError", None)] if error is not None)
 
 
@@ -328,7 +328,7 @@ def manage(argv=None):
         _env_setup()
         # Load settings here: Django's own command runner hides errors in them.
         settings.INSTALLED_APPS
-    except _ERRORS + (ImproperlyConfigured,) as error:
+    except _SETUP_ERRORS + (ImproperlyConfigured,) as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
     execute_from_command_line(argv or sys.argv)
