@@ -1294,13 +1294,22 @@ def _adopt_is_startproject_entry_point(path):
     return True
 
 
-def _adopt_requirements(directory):
-    """The names in requirements.txt, if any: plain requirement lines only."""
+def _adopt_requirements(directory, database):
+    """The requirements of the packaging file: the project's requirements.txt (plain
+    requirement lines), then those of a starter that the project does not name."""
+    import re
+
+    def name(requirement):
+        return re.split(r"[\s<>=!~;\[]", requirement)[0].lower()
+
     path = directory / "requirements.txt"
-    if not path.is_file():
-        return []
-    lines = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line and not line.startswith("-")]
+    lines = [line.split("#")[0].strip() for line in path.read_text(
+        encoding="utf-8", errors="replace").splitlines()] if path.is_file() else []
+    own = [line for line in lines if line and not line.startswith("-")]
+    names = {name(requirement) for requirement in own}
+    return own + [requirement for requirement in
+                  _REQUIREMENTS["django"] + _DATABASE_REQUIREMENTS[database]
+                  if name(requirement) not in names]
 
 
 def _adopt_write(path, text):
@@ -1336,11 +1345,12 @@ def _adopt_apply(directory, package, settings_text, removed, manage_text, remova
     print(f"wrote {', '.join(files)}")
 
 
-def _adopt_mentions(directory, package, skipped):
-    """'path:line' of each line of the project's Python files that names the old package;
-    virtualenvs and hidden folders are not the project's."""
+def _adopt_mentions(directory, package, modules, skipped):
+    """'path:line' of each line of the project's Python files that names the old package
+    or one of its modules; virtualenvs and hidden folders are not the project's."""
     import re
-    pattern = re.compile(rf"\b{re.escape(package)}\.|\bimport {re.escape(package)}\b")
+    name = re.escape(package)
+    pattern = re.compile(rf"\b(import|from) {name}\b|\b{name}\.({'|'.join(modules)})\b")
     mentions = []
     for folder, subfolders, names in os.walk(directory):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
@@ -1421,10 +1431,7 @@ def _cmd_adopt(args):
     py_modules = json.loads(re.search(r"py_modules=(\[.*?\])", starter["setup.py"]).group(1))
     files = {name: starter[name] for name in written}
     if not packaging:
-        requirements = _REQUIREMENTS["django"] + _DATABASE_REQUIREMENTS[args.database]
-        requirements += [line for line in _adopt_requirements(directory)
-                         if re.split(r"[\s<>=!~;\[]", line)[0].lower()
-                         not in {name.lower() for name in requirements}]
+        requirements = _adopt_requirements(directory, args.database)
         files["setup.py"] = string.Template(_STARTER_SETUP).substitute(
             core_repo=core_repo, py_modules=json.dumps(py_modules),
             requirements=json.dumps(requirements))
@@ -1432,6 +1439,8 @@ def _cmd_adopt(args):
     entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
                     if (directory / package / name).exists()]
     removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
+    modules = sorted(re.escape(os.path.splitext(name)[0]) for name in
+                     os.listdir(directory / package) if not name.startswith((".", "__")))
 
     # Everything is known and checked: now change the tree.
     try:
@@ -1450,7 +1459,7 @@ def _cmd_adopt(args):
     if packaging:
         todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
                     f"{DJANGO_PROJECT} and {core_app} (the README shows a whole setup.py)")
-    mentions = _adopt_mentions(directory, package, set(written))
+    mentions = _adopt_mentions(directory, package, modules, set(written))
     if mentions:
         todo.append(f"these lines name {package}, which is {DJANGO_PROJECT} now: "
                     f"{', '.join(mentions)}")

@@ -285,7 +285,7 @@ def _make_test_runner():
     """Django's DiscoverRunner that, given no test labels, discovers the tests of the project
     (BASE_DIR) instead of the working directory, and refuses when it has no project."""
     from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
+    from django.core.management.base import CommandError
     from django.test.runner import DiscoverRunner
 
     class TestRunner(DiscoverRunner):
@@ -293,7 +293,7 @@ def _make_test_runner():
             if not test_labels:
                 project_dir = getattr(settings, "BASE_DIR", None)
                 if project_dir is None or not os.path.isdir(project_dir):
-                    raise ImproperlyConfigured(
+                    raise CommandError(  # one line from Django, no traceback
                         f"no project directory to find tests in (BASE_DIR {project_dir!r}); "
                         "give test labels, for example: python -m stagetools_django test "
                         "yourapp")

@@ -1695,3 +1695,25 @@ def test_adopt__by_hand_following_the_readme(tmp_path, shared_dir):
     assert test_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
     check = run([venv / "bin" / "python", "-m", "stagetools_django", "check"], cwd="/")
     assert "no issues" in check.stdout, check.stdout + check.stderr
+
+
+def test_adopt__own_requirements_hosts_and_old_names_kept_or_listed(tmp_path):
+    project = tmp_path / "shop"
+    project.mkdir()
+    run([sys.executable, "-m", "django", "startproject", "shop", project])
+    (project / "requirements.txt").write_text("requests>=2\n# pinned\n-r more.txt\nDjango==5.2\n")
+    settings_py = project / "shop" / "settings.py"
+    settings_py.write_text(settings_py.read_text().replace(
+        "ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['shop.example.com']"))
+    (project / "jobs.py").write_text("from shop import urls\nHOST = 'shop.example.com'\n")
+    result = cli("adopt", project, "--database", "postgresql")
+    assert result.returncode == 0, result.stderr
+    setup_py = (project / "setup.py").read_text()
+    assert ('install_requires=["requests>=2", "Django==5.2", "gunicorn", "uvicorn", '
+            '"hypercorn", "psycopg[binary]"]') in setup_py
+    settings = (project / "stagetools_project" / "settings.py").read_text()
+    assert "ALLOWED_HOSTS += ['shop.example.com']" in settings
+    assert 'globals().update(settings_defaults("postgresql"))' in settings
+    # The old package named in code is listed; a domain that starts like it is not.
+    assert "these lines name shop, which is stagetools_project now: jobs.py:1\n" in result.stdout
+    assert "the core app 'shop' is not in INSTALLED_APPS" in result.stdout
