@@ -1650,17 +1650,18 @@ def test_prod__debug_on_and_stagetools_name_deleted__still_refused(prod_installa
 
 
 def readme_adoption_blocks():
-    """The Python code blocks of the README's adoption section, dedented, in order."""
+    """The Python and TOML code blocks of the README's adoption section, dedented, in order."""
     import textwrap
     readme = (HERE / "README.md").read_text()
     section = readme.split("## Adopting stagetools in an existing Django project")[1]
     section = section.split("\n## ")[0]
     return [textwrap.dedent(block) for block in
-            re.findall(r"^( *)```python\n(.*?)^\1```", section, re.M | re.S)
+            re.findall(r"^( *)```(?:python|toml)\n(.*?)^\1```", section, re.M | re.S)
             for block in [block[1]]]
 
 
-def test_adopt__by_hand_following_the_readme(tmp_path, shared_dir):
+@pytest.mark.parametrize("packaging", ["setup.py", "pyproject.toml"])
+def test_adopt__by_hand_following_the_readme(packaging, tmp_path, shared_dir):
     project = tmp_path / "locallibrary"
     make_library_project(project)
     before = test_counts(run([sys.executable, "manage.py", "test"], cwd=project).stderr)
@@ -1670,26 +1671,30 @@ def test_adopt__by_hand_following_the_readme(tmp_path, shared_dir):
         (project / "stagetools_project" / name).unlink()
     for module in ("stagetools.py", "stagetools_django.py"):
         shutil.copy(HERE / module, project / module)
-    # Steps 3 to 6: each file as the README's block that names it in its first line.
+    # Steps 3 to 6: each file as the README's block that names it in its first line; of
+    # the two packaging files, the one this run tries.
     written = []
     for block in readme_adoption_blocks():
         first = block.splitlines()[0]
         path = "manage.py" if first.startswith("#!") else first[2:] if re.fullmatch(
-            r"# [\w/]+\.py", first) else None
-        if path:
+            r"# [\w/]+\.(py|toml)", first) else None
+        if path and path not in {"setup.py", "pyproject.toml"} - {packaging}:
             (project / path).write_text(block)
             written.append(path)
-    assert sorted(written) == ["aaa_env_setup.py", "aaa_script_setup.py", "manage.py",
-                               "setup.py", "stagetools_project/settings.py"]
+    assert sorted(written) == sorted(["aaa_env_setup.py", "aaa_script_setup.py", "manage.py",
+                                      packaging, "stagetools_project/settings.py"])
     files, added, removed = lines_changed(project)
     print(f"\nby hand: {files} files, +{added} -{removed} lines (without the two modules)")
     readme = (HERE / "README.md").read_text()
     import django
-    if django.VERSION[:2] == (5, 2):  # startproject's files differ between Django versions
+    # The README's count is of the setup.py way with Django 5.2: startproject's files differ
+    # between Django versions.
+    if django.VERSION[:2] == (5, 2) and packaging == "setup.py":
         assert (f"the user adds or changes {added} lines and removes {removed} in {files} "
                 "files") in readme
     # Step 7, from outside the repo: the same tests with the same result.
     venv = library_venv(tmp_path / "locallibrary_int", project, shared_dir)
+    assert not (project / "setup.py").exists() or packaging == "setup.py"
     after = run([venv / "bin" / "python", "-m", "stagetools_django", "test"], cwd="/",
                 check=False)
     assert test_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
