@@ -1433,14 +1433,12 @@ def lines_changed(directory):
     return len(rows), sum(int(row[0]) for row in rows), sum(int(row[1]) for row in rows)
 
 
-def test_counts(output):
+def runner_counts(output):
     """('Ran 5 tests', 'OK') from the output of Django's test runner."""
     ran = re.search(r"^Ran \d+ tests?", output, re.M)
     outcome = re.search(r"^(OK|FAILED).*$", output, re.M)
     return (ran and ran.group(0), outcome and outcome.group(0))
 
-
-test_counts.__test__ = False  # a helper, not a test
 
 
 def library_venv(directory, project, shared_dir):
@@ -1474,12 +1472,12 @@ def adopted_library(tmp_path_factory, shared_dir):
 
 def test_adopt__same_tests_from_anywhere_and_pages_served(adopted_library, tmp_path):
     project, venv = adopted_library["project"], adopted_library["venv"]
-    before = test_counts(adopted_library["before"].stderr)
+    before = runner_counts(adopted_library["before"].stderr)
     assert before[0] == "Ran 5 tests" and before[1] == "OK", adopted_library["before"].stderr
     for where in ("/", tmp_path, project):  # from anywhere: the project's tests, not 0
         after = run([venv / "bin" / "python", "-m", "stagetools_django", "test"], cwd=where,
                     check=False)
-        assert test_counts(after.stderr) == before, (where, after.stderr)
+        assert runner_counts(after.stderr) == before, (where, after.stderr)
     # The command did the mechanical part; the user edits nothing but makes the venv.
     output = adopted_library["adoption"].stdout
     todo = output.split("Left to do by hand:")[1].strip().splitlines()
@@ -1573,7 +1571,7 @@ def test_adopt__core_app_not_installed__warned_by_name(adopted_library):
         result.stderr and "INSTALLED_APPS +=" in result.stderr
 
 
-def tree(directory):
+def file_tree(directory):
     return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else None
             for path in directory.rglob("*")}
 
@@ -1601,11 +1599,11 @@ def test_adopt__refuses_what_it_does_not_expect_and_changes_nothing(tmp_path):
                                (blocked, "it has aaa_env_setup.py already"),
                                (unnamed, "give --core-repo NAME"),
                                (split, "settings.py imports other settings")]:
-        before = tree(directory)
+        before = file_tree(directory)
         result = cli("adopt", directory)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
-        assert tree(directory) == before
+        assert file_tree(directory) == before
     result = cli("adopt", unnamed, "--core-repo", "mysite")
     assert result.returncode == 0, result.stderr
     result = cli("adopt", unnamed, "--core-repo", "mysite")
@@ -1664,7 +1662,7 @@ def readme_adoption_blocks():
 def test_adopt__by_hand_following_the_readme(packaging, tmp_path, shared_dir):
     project = tmp_path / "locallibrary"
     make_library_project(project)
-    before = test_counts(run([sys.executable, "manage.py", "test"], cwd=project).stderr)
+    before = runner_counts(run([sys.executable, "manage.py", "test"], cwd=project).stderr)
     # Steps 1 and 2: rename the package, delete its entry points, copy the modules.
     (project / "locallibrary").rename(project / "stagetools_project")
     for name in ("wsgi.py", "asgi.py"):
@@ -1697,7 +1695,7 @@ def test_adopt__by_hand_following_the_readme(packaging, tmp_path, shared_dir):
     assert not (project / "setup.py").exists() or packaging == "setup.py"
     after = run([venv / "bin" / "python", "-m", "stagetools_django", "test"], cwd="/",
                 check=False)
-    assert test_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
+    assert runner_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
     check = run([venv / "bin" / "python", "-m", "stagetools_django", "check"], cwd="/")
     assert "no issues" in check.stdout, check.stdout + check.stderr
 
