@@ -1184,8 +1184,7 @@ def _cmd_new(args):
 
 # Settings that stagetools derives from the installation: adopt removes them from settings.py.
 _ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "WSGI_APPLICATION",
-                           "ASGI_APPLICATION", "STATIC_URL", "STATIC_ROOT", "MEDIA_URL",
-                           "MEDIA_ROOT")
+                           "STATIC_URL", "STATIC_ROOT", "MEDIA_URL", "MEDIA_ROOT")
 # What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
 _ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
                            "from django.core.asgi import get_asgi_application",
