@@ -228,9 +228,10 @@ def csrf_failure(request, reason=""):
     import logging
     from django.http import HttpResponseForbidden
     name = getattr(settings, "STAGETOOLS_NAME", "this installation")
-    message = (f"stagetools: 403 on {request.method} {request.path} ({reason}): this request "
-               f"came over plain HTTP, but {name} sets Secure cookies (QUAL and PROD), which browsers send over HTTPS only. "
-               "Serve it behind the TLS-terminating nginx that sets X-Forwarded-Proto "
+    # repr: a path may hold any character once decoded, and the line goes to the log.
+    message = (f"stagetools: 403 on {request.method} {request.path!r} ({reason}): this "
+               f"request came over plain HTTP, but {name} sets Secure cookies (QUAL and "
+               "PROD), which browsers send over HTTPS only. Serve it behind the TLS-terminating nginx that sets X-Forwarded-Proto "
                "(see the README), or use a DEV or INT installation for plain HTTP")
     logging.getLogger("stagetools_django").warning(message)
     return HttpResponseForbidden(message + "\n", content_type="text/plain; charset=utf-8")
