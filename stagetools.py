@@ -724,9 +724,10 @@ def _render_services(system):
     }
 
 
-def render_starter(system, database="sqlite"):
+def render_starter(system, database="sqlite", requirements=None):
     """The files of a new repo for the installation, as ``new`` writes them below
-    ``core_repo_dir``: relative path -> text."""
+    ``core_repo_dir``: relative path -> text. ``requirements`` replaces those of the
+    framework and database in setup.py (``adopt`` keeps a project's own)."""
     import json
     django = system.framework == "django"
     modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
@@ -736,7 +737,7 @@ def render_starter(system, database="sqlite"):
         ("framework", system.framework, "django")] if value != default]
     values = dict(
         core_repo=system.core_repo, core_app=system.core_app, database=database,
-        requirements=json.dumps(FRAMEWORKS[system.framework]["requirements"]
+        requirements=json.dumps(requirements or FRAMEWORKS[system.framework]["requirements"]
                                 + DATABASES[_valid_choice("database", database, DATABASES)]
                                 ["requirements"]),
         py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
@@ -1070,6 +1071,9 @@ def _parser():
             "--core-app", "--python",
             positional=("directory", dict(help="the new installation's dir, named like it: "
                                                "/tmp/shop_dev")))
+    command("adopt", "adopt a Django project made by django-admin startproject, in place; "
+            "prints what is left to do by hand", "--database", "--core-repo", "--core-app",
+            positional=("directory", dict(help="the project's top directory, with manage.py")))
     command("check", "compare an installation on disk with its expected system; exit 1 on "
             "any difference, 3 if it could not be checked", "name", "--base-dir", *system)
     return parser
@@ -1209,6 +1213,16 @@ def _refuse_a_directory_others_could_swap(directory):
         parent = os.path.dirname(parent)
 
 
+def _cmd_adopt(args):
+    try:
+        import stagetools_django  # Django-only code: next to this file, as new copies it
+    except ImportError:
+        raise StagetoolsError("adopt", "it needs stagetools_django.py next to stagetools.py",
+                              "copy both modules") from None
+    return stagetools_django.adopt(args.directory, args.database, args.core_repo,
+                                   args.core_app)
+
+
 def _cmd_check(args):
     import json
     if not args.name:
@@ -1245,7 +1259,8 @@ def main(argv=None):
         if args.command in ("new", "check") and os.name != "posix":
             raise StagetoolsError(args.command, "it works on Linux installations (users, venvs "
                                   "with bin/, systemd)", "run it on the server")
-        return {"show": _cmd_show, "new": _cmd_new, "check": _cmd_check}[args.command](args)
+        return {"show": _cmd_show, "new": _cmd_new, "adopt": _cmd_adopt,
+                "check": _cmd_check}[args.command](args)
     except _CouldNotCheck as error:
         print(f"stagetools: {_printable(error)}", file=sys.stderr)
         return 3
@@ -1356,6 +1371,10 @@ server {
 
     location /$static_url {
         alias $static_dir/;
+        # Names with a content hash (Django's ManifestStaticFilesStorage) never change.
+        location ~ "\\.[0-9a-f]{12}\\.[^/]+$$" {
+            add_header Cache-Control "public, max-age=31536000, immutable";
+        }
     }
     location /$media_url {
         alias $media_dir/;
@@ -1620,4 +1639,7 @@ _STARTER_FILES = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
 
 
 if __name__ == "__main__":
+    # One module, run or imported: stagetools_django imports it by name, and its errors
+    # must be this module's StagetoolsError.
+    sys.modules.setdefault("stagetools", sys.modules[__name__])
     sys.exit(main())

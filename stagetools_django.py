@@ -16,13 +16,37 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
 """
 
 import importlib.util
+import os
 import sys
 
 import stagetools
 
 # The entry points asgi_application and wsgi_application are left out: a star import
 # would build Django's application.
-__all__ = ["check_settings", "manage", "settings_defaults"]
+__all__ = ["adopt", "check_settings", "csrf_failure", "manage", "settings_defaults"]
+
+
+class StagetoolsShadowedError(ImportError):
+    """Something else than stagetools.py was imported as ``stagetools``."""
+
+
+# Error paths must work even when ``stagetools`` is not the module (a folder of that name
+# on sys.path shadows it): catch its error class only if it has one.
+_SETUP_ERRORS = (StagetoolsShadowedError,) + tuple(
+    error for error in [getattr(stagetools, "StagetoolsError", None)] if error is not None)
+
+
+def _check_not_shadowed():
+    """Refuse, naming the culprit, if ``import stagetools`` found something else (a folder
+    named stagetools without __init__.py is a namespace package that hides the module)."""
+    if hasattr(stagetools, "get_actual_system_from_name"):
+        return
+    where = getattr(stagetools, "__file__", None) or ", ".join(
+        getattr(stagetools, "__path__", None) or ["an unknown location"])
+    raise StagetoolsShadowedError(
+        f"'import stagetools' found {where} (a folder or module named stagetools that comes "
+        f"first on sys.path), not stagetools.py: rename it, or run from another directory "
+        f"(python {sys.executable})")
 
 # Production (QUAL and PROD) runs behind a TLS-terminating nginx on the same host
 # that redirects HTTP to HTTPS and sets X-Forwarded-Proto (see the README).
@@ -40,6 +64,7 @@ importable by the server and by manage, with:
 
 def _env_setup():
     """Import aaa_env_setup first, as every entry point must; return the installation's system."""
+    _check_not_shadowed()
     try:
         module = importlib.import_module("aaa_env_setup")
     except ModuleNotFoundError as error:
@@ -65,9 +90,12 @@ def settings_defaults(database="sqlite", system=None):
     from django.core import checks
     checks.register(check_settings)
     production = not system.is_debug
+    project_dir = _project_dir(system)
     settings = {
         "STAGETOOLS_NAME": system.name,
-        "BASE_DIR": system.base_dir,
+        # Django's meaning: the directory of manage.py. The installation's own paths are the
+        # system's attributes (base_dir, static_dir, ...), never BASE_DIR.
+        "BASE_DIR": project_dir,
         # SECURITY WARNING: DEBUG is off in QUAL and PROD, and a check refuses it there.
         "DEBUG": system.is_debug,
         # SECURITY WARNING: the key lives in a 0600 file of the installation, not in the repo.
@@ -91,7 +119,9 @@ def settings_defaults(database="sqlite", system=None):
         "WSGI_APPLICATION": system.django_wsgi_application,
         "TEMPLATES": [{
             "BACKEND": "django.template.backends.django.DjangoTemplates",
-            "DIRS": [], "APP_DIRS": True,
+            # A project's own templates folder, as most projects have it; Django skips a
+            # folder that does not exist.
+            "DIRS": [project_dir / "templates"], "APP_DIRS": True,
             "OPTIONS": {"context_processors": [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
@@ -120,8 +150,20 @@ def settings_defaults(database="sqlite", system=None):
         "CSRF_COOKIE_SECURE": production,
         "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https") if production else None,
         "SILENCED_SYSTEM_CHECKS": list(_SILENCED_IN_PRODUCTION) if production else [],
+        # Says why a form fails in QUAL/PROD over plain HTTP: the cookies need HTTPS.
+        "CSRF_FAILURE_VIEW": "stagetools_django.csrf_failure",
+        # Finds the project's tests from any working directory (Django's looks in ".").
+        "TEST_RUNNER": "stagetools_django.TestRunner",
     }
     return settings
+
+
+def _project_dir(system):
+    """The directory that holds the settings package (and manage.py): Django's BASE_DIR."""
+    from pathlib import Path
+    spec = importlib.util.find_spec(system.django_project)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]).resolve().parent if locations else system.core_repo_dir
 
 
 def check_settings(app_configs=None, **kwargs):
@@ -129,9 +171,8 @@ def check_settings(app_configs=None, **kwargs):
     from django.conf import settings
     from django.core.checks import Error, Warning
 
-    name = getattr(settings, "STAGETOOLS_NAME", None)
-    if name is None:
-        return []
+    # Judged against the system this process runs in, never against a setting that a
+    # settings file may delete or change.
     system = _env_setup()
     problems = []
     if settings.DEBUG and not system.is_debug:
@@ -139,7 +180,8 @@ def check_settings(app_configs=None, **kwargs):
             f"DEBUG is on in the {system.stage.name} installation {system.name!r}",
             hint="remove DEBUG = True from your settings: DEBUG is for DEV and INT only",
             id="stagetools.E001"))
-    if name != system.name:
+    name = getattr(settings, "STAGETOOLS_NAME", None)
+    if name is not None and name != system.name:
         problems.append(Warning(
             f"settings were made for {name!r} but this process runs in {system.name!r}",
             hint="do not copy settings between installations; let stagetools fill them in",
@@ -153,7 +195,35 @@ def check_settings(app_configs=None, **kwargs):
             f"the default database is {database.get('NAME')!r}, not the installation's "
             f"{wanted!r}", hint="remove the NAME override from DATABASES in your settings",
             id="stagetools.W003"))
+    installed = {entry.split(".")[0] for entry in settings.INSTALLED_APPS}
+    if system.core_app not in installed:
+        problems.append(Warning(
+            f"the core app {system.core_app!r} of {system.name!r} is not in INSTALLED_APPS"
+            + ("" if importlib.util.find_spec(system.core_app) else
+               f" (no package {system.core_app!r} is importable)"),
+            hint="name your app in aaa_env_setup.py: get_actual_system_from_name("
+                 "core_app=\"yourapp\"); add further apps with INSTALLED_APPS += [\"other\"]",
+            id="stagetools.W004"))
     return problems
+
+
+def csrf_failure(request, reason=""):
+    """Django's CSRF failure view, which also says, and logs, when the cause is plain HTTP in
+    QUAL or PROD: browsers keep Secure cookies for HTTPS, so every form fails with 403."""
+    from django.conf import settings
+    from django.views.csrf import csrf_failure as django_csrf_failure
+    if not (settings.CSRF_COOKIE_SECURE and not request.is_secure()):
+        return django_csrf_failure(request, reason)
+    import logging
+    from django.http import HttpResponseForbidden
+    name = getattr(settings, "STAGETOOLS_NAME", "this installation")
+    # repr: a path may hold any character once decoded, and the line goes to the log.
+    message = (f"stagetools: 403 on {request.method} {request.path!r} ({reason}): this "
+               f"request came over plain HTTP, but {name} sets Secure cookies (QUAL and "
+               "PROD), which browsers send over HTTPS only. Serve it behind the TLS-terminating nginx that sets X-Forwarded-Proto "
+               "(see the README), or use a DEV or INT installation for plain HTTP")
+    logging.getLogger("stagetools_django").warning(message)
+    return HttpResponseForbidden(message + "\n", content_type="text/plain; charset=utf-8")
 
 
 def _build_application(get_application):
@@ -201,15 +271,42 @@ class _LazyASGIApplication:
 asgi_application = _LazyASGIApplication()
 
 
+def _make_test_runner():
+    """Django's DiscoverRunner that, given no test labels, discovers the tests of the project
+    (BASE_DIR) instead of the working directory, and refuses when it has no project."""
+    from django.conf import settings
+    from django.core.management.base import CommandError
+    from django.test.runner import DiscoverRunner
+
+    class TestRunner(DiscoverRunner):
+        def build_suite(self, test_labels=None, *args, **kwargs):
+            if not test_labels:
+                project_dir = getattr(settings, "BASE_DIR", None)
+                if project_dir is None or not os.path.isdir(project_dir):
+                    raise CommandError(  # one line from Django, no traceback
+                        f"no project directory to find tests in (BASE_DIR {project_dir!r}); "
+                        "give test labels, for example: python -m stagetools_django test "
+                        "yourapp")
+                test_labels = [str(project_dir)]
+            return super().build_suite(test_labels, *args, **kwargs)
+
+    TestRunner.__module__ = __name__
+    return TestRunner
+
+
 def __getattr__(attribute):
     """``wsgi_application``, built when a WSGI server looks it up (PEP 562), so that a
-    broken installation fails at start-up: WSGI has no lifespan to do it in."""
-    if attribute != "wsgi_application":
+    broken installation fails at start-up: WSGI has no lifespan to do it in. ``TestRunner``
+    (the TEST_RUNNER setting), so that importing this module imports no Django."""
+    if attribute == "TestRunner":
+        value = _make_test_runner()
+    elif attribute == "wsgi_application":
+        from django.core.wsgi import get_wsgi_application
+        value = _build_application(get_wsgi_application)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    from django.core.wsgi import get_wsgi_application
-    application = _build_application(get_wsgi_application)
-    globals()[attribute] = application
-    return application
+    globals()[attribute] = value
+    return value
 
 
 def manage(argv=None):
@@ -221,11 +318,316 @@ def manage(argv=None):
         _env_setup()
         # Load settings here: Django's own command runner hides errors in them.
         settings.INSTALLED_APPS
-    except (stagetools.StagetoolsError, ImproperlyConfigured) as error:
+    except _SETUP_ERRORS + (ImproperlyConfigured,) as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
     execute_from_command_line(argv or sys.argv)
     return 0
+
+
+# ---------------------------------------------------------------- adopting an existing project
+
+
+# Settings that stagetools derives from the installation: adopt removes them from settings.py.
+_ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "WSGI_APPLICATION",
+                           "STATIC_URL", "STATIC_ROOT", "MEDIA_URL", "MEDIA_ROOT")
+# What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
+_ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
+                           "from django.core.asgi import get_asgi_application",
+                           "application = get_wsgi_application()",
+                           "application = get_asgi_application()"}
+
+
+def _adopt_refuse(directory, rule, fix):
+    raise stagetools.StagetoolsError(f"cannot adopt '{directory}'", rule, fix)
+
+
+def _adopt_parse_settings(directory, source, package):
+    """The settings module's syntax tree and its INSTALLED_APPS (a list of strings)."""
+    import ast
+    try:
+        module = ast.parse(source)
+    except SyntaxError as error:
+        _adopt_refuse(directory, f"{package}/settings.py does not parse ({error.msg}, line "
+                      f"{error.lineno})", "fix it so that Django can load it, then adopt")
+    apps = []
+    for statement in module.body:
+        if isinstance(statement, ast.ImportFrom) and (statement.level or any(
+                alias.name == "*" for alias in statement.names)):
+            _adopt_refuse(directory, f"{package}/settings.py imports other settings (line "
+                          f"{statement.lineno}), unlike startproject's",
+                          "adopt by hand (see the README)")
+        if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)
+                and statement.targets[0].id == "INSTALLED_APPS"):
+            try:
+                apps = [app for app in ast.literal_eval(statement.value) if isinstance(app, str)]
+            except (ValueError, TypeError, SyntaxError):
+                apps = []
+    return module, apps
+
+
+def _adopt_settings(module, source, database):
+    """settings.py rewritten to start from settings_defaults(): (text, removed, notes)."""
+    import ast
+    lines = source.splitlines(keepends=True)
+    drop, removed, notes, replacements = set(), [], [], {}
+    for statement in module.body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, ast.AnnAssign) else []
+        names = [target.id for target in targets if isinstance(target, ast.Name)]
+        if len(names) != 1 or len(targets) != 1:
+            continue
+        name, first, last = names[0], statement.lineno - 1, statement.end_lineno
+        value = ast.get_source_segment(source, statement.value) if statement.value else ""
+        if name == "ALLOWED_HOSTS" and isinstance(statement.value, ast.List):
+            if statement.value.elts:  # the project's own domains, added to stagetools' own
+                replacements[first] = (last, f"ALLOWED_HOSTS += {value}\n")
+                continue
+        elif name == "ALLOWED_HOSTS":
+            notes.append(f"settings.py set ALLOWED_HOSTS = {value}; stagetools sets "
+                         "localhost names: add your domains with ALLOWED_HOSTS += [...]")
+        elif name not in _ADOPT_DERIVED_SETTINGS:
+            continue
+        if name == "DATABASES" and "sqlite3" not in value:
+            notes.append("settings.py had a DATABASES other than SQLite: for PostgreSQL use "
+                         'settings_defaults("postgresql") (peer authentication, see the README)')
+        removed.append(name)
+        while first > 0 and lines[first - 1].lstrip().startswith("#"):
+            first -= 1  # the comment that explained the removed setting goes with it
+        drop.update(range(first, last))
+    head = 0
+    for statement in module.body:  # after the leading imports, before the first setting
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            head = statement.end_lineno
+        elif not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)):
+            break
+    result = []
+    for number, line in enumerate(lines):
+        if number in replacements:
+            last, text = replacements[number]
+            result.append(text)
+            drop.update(range(number + 1, last))
+        elif number not in drop:
+            result.append(line)
+        if number == head - 1:
+            result.append(f'\nfrom stagetools_django import settings_defaults\n\n'
+                          f'globals().update(settings_defaults("{database}"))\n')
+    if head == 0:
+        result.insert(0, f'from stagetools_django import settings_defaults\n\n'
+                         f'globals().update(settings_defaults("{database}"))\n\n')
+    text = "".join(result)
+    while "\n\n\n\n" in text:
+        text = text.replace("\n\n\n\n", "\n\n\n")
+    return text, removed, notes
+
+
+def _adopt_is_startproject_entry_point(path):
+    """True if a wsgi.py/asgi.py does only what django-admin startproject's does."""
+    import ast
+    try:
+        module = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SyntaxError):
+        return False
+    for statement in module.body:
+        code = ast.unparse(statement)
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # the docstring
+        if code not in _ADOPT_ENTRY_POINT_CODE and not code.startswith(
+                "os.environ.setdefault('DJANGO_SETTINGS_MODULE'"):
+            return False
+    return True
+
+
+def _adopt_requirements(directory, database):
+    """The requirements of the packaging file: the project's requirements.txt (plain
+    requirement lines), then those of a starter that the project does not name."""
+    import re
+
+    def name(requirement):
+        return re.split(r"[\s<>=!~;\[]", requirement)[0].lower()
+
+    path = directory / "requirements.txt"
+    lines = [line.split("#")[0].strip() for line in path.read_text(
+        encoding="utf-8", errors="replace").splitlines()] if path.is_file() else []
+    own = [line for line in lines if line and not line.startswith("-")]
+    names = {name(requirement) for requirement in own}
+    return own + [requirement for requirement in
+                  stagetools.FRAMEWORKS["django"]["requirements"]
+                  + stagetools.DATABASES[database]["requirements"]
+                  if name(requirement) not in names]
+
+
+def _adopt_write(path, text):
+    """Write a file whole or not at all: a temporary file renamed into place."""
+    temporary = path.with_name(f".{path.name}.adopt-{os.getpid()}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _adopt_apply(directory, package, settings_text, removed, manage_text, removable, files,
+                 database):
+    """Change the tree as _cmd_adopt decided, saying each step."""
+    os.rename(directory / package, directory / stagetools.DJANGO_PROJECT)
+    print(f"renamed {package}/ to {stagetools.DJANGO_PROJECT}/ (the settings package of every "
+          "stagetools installation)")
+    _adopt_write(directory / stagetools.DJANGO_PROJECT / "settings.py", settings_text)
+    print(f"rewrote {stagetools.DJANGO_PROJECT}/settings.py: settings_defaults(\"{database}\") "
+          f"first; removed {', '.join(removed) or 'nothing'} (stagetools derives them)")
+    _adopt_write(directory / "manage.py", manage_text)
+    print(f"replaced manage.py (it set DJANGO_SETTINGS_MODULE to {package}.settings) with "
+          "one that calls stagetools_django.manage()")
+    for path in removable:
+        (directory / stagetools.DJANGO_PROJECT / path.name).unlink()
+    if removable:
+        print(f"removed {', '.join(f'{stagetools.DJANGO_PROJECT}/{p.name}' for p in removable)} (the "
+              "entry points are stagetools_django:wsgi_application and :asgi_application)")
+    for name, text in files.items():
+        _adopt_write(directory / name, text)
+    print(f"wrote {', '.join(files)}")
+
+
+def _adopt_mentions(directory, package, modules, skipped):
+    """'path:line' of each line of the project's Python files that names the old package
+    or one of its modules; virtualenvs and hidden folders are not the project's."""
+    import re
+    name = re.escape(package)
+    pattern = re.compile(rf"\b(import|from) {name}\b|\b{name}\.({'|'.join(modules)})\b")
+    mentions = []
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
+                               and name not in ("node_modules", "__pycache__")
+                               and not os.path.exists(os.path.join(folder, name, "pyvenv.cfg")))
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or os.path.relpath(path, directory) in skipped:
+                continue
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for number, line in enumerate(file, 1):
+                    if pattern.search(line):
+                        mentions.append(f"{os.path.relpath(path, directory)}:{number}")
+    return mentions
+
+
+def adopt(directory, database="sqlite", core_repo=None, core_app=None):
+    """Adopt a Django project made by django-admin startproject, in place (``stagetools
+    adopt DIR``): the settings package becomes stagetools_project, the aaa modules,
+    manage.py, the packaging file and both stagetools modules are written; it prints each
+    change and what is left to do by hand. Refuses, changing nothing, a tree it does not
+    know."""
+    import json
+    import re
+    from pathlib import Path
+    directory = Path(directory).absolute()
+    manage_py = directory / "manage.py"
+    if not manage_py.is_file():
+        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
+                      "project's manage.py (the top of the repo)")
+    if (directory / stagetools.DJANGO_PROJECT).exists():
+        _adopt_refuse(directory, f"it has {stagetools.DJANGO_PROJECT}/ already: it is adopted",
+                      "nothing to adopt; run its tests with: python -m stagetools_django test")
+    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
+                      manage_py.read_text(encoding="utf-8", errors="replace"))
+    if not found or "." in found.group(1):
+        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE to "
+                      "'PACKAGE.settings' as django-admin startproject writes it",
+                      "adopt by hand: see the README, 'Adopting stagetools in an existing "
+                      "Django project'")
+    package = found.group(1)
+    settings_py = directory / package / "settings.py"
+    if not settings_py.is_file():
+        _adopt_refuse(directory, f"manage.py names {package}.settings, but "
+                      f"{package}/settings.py is not a file", "adopt by hand (see the README)")
+    core_repo = core_repo or directory.name
+    if not (core_repo.isidentifier() and core_repo.isascii()):
+        _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
+                      "the repo's name below src/ is the configuration of its installations",
+                      "give --core-repo NAME (letters, digits, _), for example --core-repo shop")
+    try:
+        source = settings_py.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        _adopt_refuse(directory, f"cannot read {package}/settings.py ({error})",
+                      "make it a readable UTF-8 file")
+    module, apps = _adopt_parse_settings(directory, source, package)
+    local_apps = [app.split(".")[0] for app in apps
+                  if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
+    core_app = core_app or (local_apps[0] if local_apps else core_repo)
+    system = stagetools.get_expected_system_from_name(f"{core_repo.lower()}_dev",
+                                                      core_repo=core_repo, core_app=core_app)
+    if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
+        _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
+                      "run adopt as the user who owns the project")
+    requirements = _adopt_requirements(directory, database)
+    try:
+        starter = stagetools.render_starter(system, database, requirements)
+    except OSError as error:
+        raise stagetools.StagetoolsError("cannot read stagetools_django.py next to "
+                                         f"stagetools.py ({error.strerror})", "adopt copies "
+                                         "both into the project", "keep them side by side")
+    written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
+               "stagetools_django.py"]
+    in_the_way = [name for name in written if (directory / name).exists()]
+    if in_the_way:
+        _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt "
+                      "would write", "adopt a project that has none of them, or finish by "
+                      "hand (see the README)")
+    packaging = [name for name in ("setup.py", "pyproject.toml", "setup.cfg")
+                 if (directory / name).exists()]
+    py_modules = json.loads(re.search(r"py_modules=(\[.*?\])", starter["setup.py"]).group(1))
+    files = {name: starter[name] for name in written}
+    if not packaging:
+        files["setup.py"] = starter["setup.py"]
+    settings_text, removed, notes = _adopt_settings(module, source, database)
+    entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
+                    if (directory / package / name).exists()]
+    removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
+    modules = sorted(re.escape(os.path.splitext(name)[0]) for name in
+                     os.listdir(directory / package) if not name.startswith((".", "__")))
+
+    # Everything is known and checked: now change the tree.
+    try:
+        _adopt_apply(directory, package, settings_text, removed, starter["manage.py"],
+                     removable, files, database)
+    except OSError as error:
+        raise stagetools.StagetoolsError(f"adopting '{directory}' stopped", f"{error}; "
+                                         "every file is whole, but the steps printed above "
+                                         "are all that was done", "undo them (git checkout) "
+                                         "or finish by hand") from None
+
+    todo = list(notes)
+    for path in sorted(set(entry_points) - set(removable)):
+        todo.append(f"{stagetools.DJANGO_PROJECT}/{path.name} does more than startproject's: move what "
+                    "it adds into settings or middleware, then delete it (the entry points "
+                    "are stagetools_django:wsgi_application and :asgi_application)")
+    if packaging:
+        todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
+                    f"{stagetools.DJANGO_PROJECT} and {core_app} (the README shows a whole setup.py)")
+    mentions = _adopt_mentions(directory, package, modules, set(written))
+    if mentions:
+        todo.append(f"these lines name {package}, which is {stagetools.DJANGO_PROJECT} now: "
+                    f"{', '.join(mentions)}")
+    if core_app not in [app.split(".")[0] for app in apps]:
+        todo.append(f"the core app {core_app!r} is not in INSTALLED_APPS: give --core-app, or "
+                    "edit core_app in aaa_env_setup.py")
+    if (directory / "db.sqlite3").exists():
+        todo.append("your data stays in db.sqlite3; an installation uses its own database "
+                    f"({system.database_sqlite_path.name} in the virtualenv's directory): "
+                    "copy it there if you want the data")
+    todo.append(f"make a virtualenv named like an installation and install the repo into it: "
+                f"python3 -m venv ~/{system.name} && ~/{system.name}/bin/pip install -e "
+                f"{directory}")
+    todo.append(f"then, from anywhere: ~/{system.name}/bin/python -m stagetools_django "
+                f"migrate (and test, runserver, ...); serve with ~/{system.name}/bin/uvicorn "
+                "stagetools_django:asgi_application")
+    print("\nLeft to do by hand:")
+    for number, item in enumerate(todo, 1):
+        print(f"  {number}. {item}")
+    return 0
+
 
 
 if __name__ == "__main__":
