@@ -539,7 +539,8 @@ def read_secret_key(system):
 def _read_secret_file(path):
     import errno
     import stat
-    given, remove = f"the secret key file '{path}'", f"remove it (rm -- '{path}'): a new key is made"
+    given = f"the secret key file '{path}'"
+    remove = f"remove it (rm -- '{path}'): a new key is made"
     # No link followed, no wait on a FIFO: look at what is there before reading it.
     flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
              | getattr(os, "O_NOCTTY", 0))

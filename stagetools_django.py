@@ -220,7 +220,8 @@ def csrf_failure(request, reason=""):
     # repr: a path may hold any character once decoded, and the line goes to the log.
     message = (f"stagetools: 403 on {request.method} {request.path!r} ({reason}): this "
                f"request came over plain HTTP, but {name} sets Secure cookies (QUAL and "
-               "PROD), which browsers send over HTTPS only. Serve it behind the TLS-terminating nginx that sets X-Forwarded-Proto "
+               "PROD), which browsers send over HTTPS only. Serve it behind the "
+               "TLS-terminating nginx that sets X-Forwarded-Proto "
                "(see the README), or use a DEV or INT installation for plain HTTP")
     logging.getLogger("stagetools_django").warning(message)
     return HttpResponseForbidden(message + "\n", content_type="text/plain; charset=utf-8")
@@ -326,6 +327,7 @@ def manage(argv=None):
 
 
 # ---------------------------------------------------------------- adopting an existing project
+
 
 
 # Settings that stagetools derives from the installation: adopt removes them from settings.py.
@@ -484,8 +486,9 @@ def _adopt_apply(directory, package, settings_text, removed, manage_text, remova
     for path in removable:
         (directory / stagetools.DJANGO_PROJECT / path.name).unlink()
     if removable:
-        print(f"removed {', '.join(f'{stagetools.DJANGO_PROJECT}/{p.name}' for p in removable)} (the "
-              "entry points are stagetools_django:wsgi_application and :asgi_application)")
+        names = ", ".join(f"{stagetools.DJANGO_PROJECT}/{path.name}" for path in removable)
+        print(f"removed {names} (the entry points are stagetools_django:wsgi_application "
+              "and :asgi_application)")
     for name, text in files.items():
         _adopt_write(directory / name, text)
     print(f"wrote {', '.join(files)}")
@@ -600,12 +603,13 @@ def adopt(directory, database="sqlite", core_repo=None, core_app=None):
 
     todo = list(notes)
     for path in sorted(set(entry_points) - set(removable)):
-        todo.append(f"{stagetools.DJANGO_PROJECT}/{path.name} does more than startproject's: move what "
-                    "it adds into settings or middleware, then delete it (the entry points "
-                    "are stagetools_django:wsgi_application and :asgi_application)")
+        todo.append(f"{stagetools.DJANGO_PROJECT}/{path.name} does more than startproject's: "
+                    "move what it adds into settings or middleware, then delete it (the entry "
+                    "points are stagetools_django:wsgi_application and :asgi_application)")
     if packaging:
         todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
-                    f"{stagetools.DJANGO_PROJECT} and {core_app} (the README shows a whole setup.py)")
+                    f"{stagetools.DJANGO_PROJECT} and {core_app} (the README shows a whole "
+                    "setup.py)")
     mentions = _adopt_mentions(directory, package, modules, set(written))
     if mentions:
         todo.append(f"these lines name {package}, which is {stagetools.DJANGO_PROJECT} now: "
