@@ -110,7 +110,14 @@ DATABASES = {
     "postgresql": {"django_engine": "django.db.backends.postgresql",
                    "requirements": ["psycopg[binary]"]},
 }
+# What a repo may declare in its stagetools.ini, and the choices of each.
+_DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES}
 
+# The file of a repo that declares what the name cannot say, read by the deploy side
+# (show --expected, check) and by the installation itself.
+DECLARATION_FILE = "stagetools.ini"
+_DECLARATION_MAX_BYTES = 65536
+_DECLARATION_EXAMPLE = "framework = django"
 _SECRET_KEY_MIN_LENGTH = 50
 _SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
 _SYSTEM_UNIT_DIR = "/etc/systemd/system"
@@ -188,12 +195,13 @@ def parse_name(name):
     return configuration, stage_name, stage
 
 
-def _valid_identifier(kind, value):
+def _valid_identifier(kind, value, name):
     import keyword
     if not (isinstance(value, str) and value.isidentifier() and value.isascii()
             and not keyword.iskeyword(value)):
-        raise StagetoolsError(f"invalid {kind} {value!r}", "it must be a Python identifier "
-                              "(a-z, A-Z, 0-9, _; not a keyword)", "for example 'shop'")
+        raise StagetoolsError(f"invalid {kind} {value!r} of the installation {name!r}",
+                              "it must be a Python identifier (a-z, A-Z, 0-9, _; not a "
+                              "keyword)", f"give another {kind}, for example 'shop'")
     return value
 
 
@@ -221,6 +229,15 @@ def _valid_choice(kind, value, choices):
     if value not in choices:
         raise StagetoolsError(f"invalid {kind} {value!r}", f"choose one of {', '.join(choices)}")
     return value
+
+
+def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
+    """A choice: given or declared (the two may not disagree), else the default."""
+    if given is not None and kind in declared and given != declared[kind]:
+        raise StagetoolsError(f"{kind} {given!r}", f"the repo declares {kind} = "
+                              f"{declared[kind]} in '{os.path.join(repo_dir, DECLARATION_FILE)}'",
+                              f"leave the {kind} out: the declaration says it")
+    return _valid_choice(label or kind, given or declared.get(kind) or default, choices)
 
 
 # ---------------------------------------------------------------- the system
@@ -252,6 +269,7 @@ class System:
         "is_debug": "whether DEBUG is on: DEV and INT only",
         "framework": "'django', 'flask' or 'starlette'",
         "server": "'gunicorn', 'uvicorn' or 'hypercorn'",
+        "database": "'sqlite' or 'postgresql'",
         # paths
         "base_dir": "the installation's directory, its virtualenv: /home/shop_prod",
         "venv_dir": "the virtualenv: the base dir (for your code; stagetools reads base_dir)",
@@ -354,17 +372,20 @@ class System:
 
 
 def _build_system(name, name_source, base_dir, user, group,
-                  core_repo=None, core_app=None, framework=None, server=None):
+                  core_repo=None, core_app=None, framework=None, server=None, database=None):
     configuration, stage_name, stage = parse_name(name)
-    core_repo = _valid_identifier("core_repo", core_repo or configuration)
-    core_app = _valid_identifier("core_app", core_app or core_repo)
-    framework = _valid_choice("framework", framework or "django", FRAMEWORKS)
-    servers = FRAMEWORKS[framework]["servers"]
-    server = _valid_choice(f"server for {framework}", server or servers[0], servers)
+    core_repo = _valid_identifier("core_repo", core_repo or configuration, name)
+    core_app = _valid_identifier("core_app", core_app or core_repo, name)
     base_dir = _valid_base_dir(base_dir, name)
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
+    declared = read_declaration(core_repo_dir)
+    framework = _chosen("framework", framework, declared, "django", core_repo_dir, FRAMEWORKS)
+    servers = FRAMEWORKS[framework]["servers"]
+    server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
+                     f"server for {framework}")
+    database = _chosen("database", database, declared, "sqlite", core_repo_dir, DATABASES)
     entry_module = "stagetools_django" if framework == "django" else core_app
     asgi_application, wsgi_application = (
         (f"{entry_module}:asgi_application", f"{entry_module}:wsgi_application")
@@ -373,7 +394,7 @@ def _build_system(name, name_source, base_dir, user, group,
         name=name, name_source=name_source, user=user, group=group,
         container=name.replace("_", "-"), configuration=configuration,
         stage_name=stage_name, stage=stage, core_repo=core_repo, core_app=core_app,
-        is_debug=stage in DEBUG_STAGES, framework=framework, server=server,
+        is_debug=stage in DEBUG_STAGES, framework=framework, server=server, database=database,
         base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
         src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
         core_repo_dir=core_repo_dir, static_url="static/",
@@ -443,13 +464,14 @@ def _venv_named_like_an_installation(directory):
 
 
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
-                                framework=None, server=None):
+                                framework=None, server=None, database=None):
     """The system this process runs in.
 
     The name comes from, in order: the argument, the environment variable
     ``STAGETOOLS_NAME``, the directory of the running virtualenv (``sys.prefix``),
     the nearest virtualenv above this file named like an installation. The
-    ``name_source`` attribute says which one was used.
+    ``name_source`` attribute says which one was used. Framework, server and
+    database are what the repo declares in its stagetools.ini, unless given.
     """
     prefix = os.path.normpath(sys.prefix)
     if name is not None:
@@ -464,7 +486,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
         (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
         prefix)
     return _build_system(name, source, base_dir, None, None,
-                         core_repo, core_app, framework, server)
+                         core_repo, core_app, framework, server, database)
 
 
 def _name_from_environment(prefix):
@@ -504,9 +526,11 @@ def _name_from_where_this_runs(prefix):
 
 
 def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core_app=None,
-                                  framework=None, server=None):
+                                  framework=None, server=None, database=None):
     """The system a deploy tool should build: user and group are the name,
-    base_dir ``/home/<name>`` unless given; the name defaults to the login name."""
+    base_dir ``/home/<name>`` unless given; the name defaults to the login name.
+    Framework, server and database are what the repo declares in its stagetools.ini
+    (once it is in place), unless given."""
     source = "argument"
     if name is None:
         name, _ = _process_user_and_group()
@@ -517,7 +541,7 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
             raise StagetoolsError(f"the login name of this process: {error.given}", error.rule,
                                   "give the installation name") from None
     return _build_system(name, source, base_dir or f"/home/{name}", name, name,
-                         core_repo, core_app, framework, server)
+                         core_repo, core_app, framework, server, database)
 
 
 def read_secret_key(system):
@@ -537,26 +561,10 @@ def read_secret_key(system):
 
 
 def _read_secret_file(path):
-    import errno
-    import stat
     given = f"the secret key file '{path}'"
     remove = f"remove it (rm -- '{path}'): a new key is made"
-    # No link followed, no wait on a FIFO: look at what is there before reading it.
-    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_NOCTTY", 0))
-    try:
-        descriptor = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise StagetoolsError(given, "it is a symbolic link", remove) from None
-        raise StagetoolsError(given, f"cannot open it: {error.strerror}",
-                              "run as the installation's user") from None
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise StagetoolsError(given, "it is not a regular file", remove)
+
+    def private(info):
         if os.name == "posix" and info.st_uid != os.geteuid():
             raise StagetoolsError(given, f"it belongs to {_user_name(info.st_uid)!r}, not to "
                                   f"{_user_name(os.geteuid())!r}",
@@ -564,9 +572,41 @@ def _read_secret_file(path):
         if os.name == "posix" and info.st_mode & 0o077:
             raise StagetoolsError(given, f"it has mode {info.st_mode & 0o777:o}: other users can "
                                   "read it", f"as its owner: chmod 600 '{path}'")
+
+    text = _read_regular_file(path, given, _SECRET_KEY_MAX_BYTES, remove, private)
+    key = text.strip()
+    if len(key) < _SECRET_KEY_MIN_LENGTH:
+        raise StagetoolsError(given, f"it holds {len(key)} characters, fewer than "
+                              f"{_SECRET_KEY_MIN_LENGTH}", remove)
+    return key
+
+
+def _read_regular_file(path, given, limit, fix, look=None):
+    """The UTF-8 text of a regular file of at most ``limit`` bytes, looked at before it is
+    read: no link is followed, no FIFO waited on, no device read; ``look(stat)`` may refuse
+    it too. FileNotFoundError if there is none; any other problem a StagetoolsError."""
+    import errno
+    import stat
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0))
+    try:
+        descriptor = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError) as error:  # nothing there: one answer
+        raise FileNotFoundError(error.errno, error.strerror, path) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StagetoolsError(given, "it is a symbolic link", fix) from None
+        raise StagetoolsError(given, f"cannot open it: {error.strerror}",
+                              "run as the installation's user") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StagetoolsError(given, "it is not a regular file", fix)
+        if look:
+            look(info)
         data = b""
-        while len(data) <= _SECRET_KEY_MAX_BYTES:
-            chunk = os.read(descriptor, _SECRET_KEY_MAX_BYTES + 1 - len(data))
+        while len(data) <= limit:
+            chunk = os.read(descriptor, limit + 1 - len(data))
             if not chunk:
                 break
             data += chunk
@@ -575,16 +615,51 @@ def _read_secret_file(path):
                               "run as the installation's user") from None
     finally:
         os.close(descriptor)
-    if len(data) > _SECRET_KEY_MAX_BYTES:
-        raise StagetoolsError(given, f"it holds more than {_SECRET_KEY_MAX_BYTES} bytes", remove)
+    if len(data) > limit:
+        raise StagetoolsError(given, f"it holds more than {limit} bytes", fix)
     try:
-        key = data.decode("utf-8").strip()
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise StagetoolsError(given, "it is not UTF-8 text", remove) from None
-    if len(key) < _SECRET_KEY_MIN_LENGTH:
-        raise StagetoolsError(given, f"it holds {len(key)} characters, fewer than "
-                              f"{_SECRET_KEY_MIN_LENGTH}", remove)
-    return key
+        raise StagetoolsError(given, "it is not UTF-8 text", fix) from None
+
+
+def read_declaration(repo_dir):
+    """The choices a repo declares in its ``stagetools.ini``: ``{key: value}``, empty
+    without one. A strict subset of INI (configparser reads it too): one ``[stagetools]``
+    section of ``key = value`` lines, ``#`` or ``;`` comments. Parsed here, because every
+    process start reads it and configparser's import alone costs more than resolving."""
+    path = os.path.join(repo_dir, DECLARATION_FILE)
+    given = f"the declaration '{path}'"
+    try:
+        text = _read_regular_file(path, given, _DECLARATION_MAX_BYTES,
+                                  "make it a file of the repo (see the README)")
+    except FileNotFoundError:
+        return {}
+    declared, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        key, equals, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            if section != "stagetools":
+                raise StagetoolsError(given, f"line {number}: the section [{section}] is not "
+                                      "one of stagetools", "name it [stagetools]")
+        elif section is None or not equals:
+            raise StagetoolsError(given, f"line {number} is not 'key = value' in the "
+                                  "[stagetools] section", f"for example: {_DECLARATION_EXAMPLE}")
+        elif key not in _DECLARED or key in declared:
+            raise StagetoolsError(given, f"line {number}: {key!r} is "
+                                  f"{'declared twice' if key in declared else 'no choice'}",
+                                  f"declare each of {', '.join(_DECLARED)} once at most")
+        elif value not in _DECLARED[key]:
+            raise StagetoolsError(given, f"line {number}: {key} = {value!r} is none of the "
+                                  "choices", f"choose one of {', '.join(_DECLARED[key])}")
+        else:
+            declared[key] = value
+    return declared
 
 
 def _create_secret_file(path):
@@ -614,19 +689,22 @@ def _create_secret_file(path):
         os.unlink(temporary)
 
 
-def database_url(system, database="sqlite"):
-    """The database URL of the installation, for apps that take one (Flask, Starlette)."""
-    if _valid_choice("database", database, DATABASES) == "sqlite":
+def database_url(system, database=None):
+    """The database URL of the installation, for apps that take one (Flask, Starlette);
+    ``database`` defaults to the system's (the declared one)."""
+    if _valid_choice("database", database or system.database, DATABASES) == "sqlite":
         return f"sqlite:///{system.database_sqlite_path}"
     # Peer authentication over the local socket: a user, no password, no TCP host.
     return (f"postgresql://{system.database_user}@/{system.database_name}"
             f"?host={_database_host(system)}")
 
 
-def django_database(system, database="sqlite"):
+def django_database(system, database=None):
     """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
-    with the installation's database and role by peer authentication (no password)."""
-    engine = DATABASES[_valid_choice("database", database, DATABASES)]["django_engine"]
+    with the installation's database and role by peer authentication (no password);
+    ``database`` defaults to the system's (the declared one)."""
+    database = _valid_choice("database", database or system.database, DATABASES)
+    engine = DATABASES[database]["django_engine"]
     if database == "sqlite":
         return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
     return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
@@ -639,7 +717,7 @@ def _database_host(system):
     return os.environ.get("PGHOST") or str(system.database_socket_dir)
 
 
-def flask_config(system, database="sqlite"):
+def flask_config(system, database=None):
     """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
     production = not system.is_debug
     return {
@@ -655,7 +733,7 @@ def flask_config(system, database="sqlite"):
     }
 
 
-def starlette_config(system, database="sqlite"):
+def starlette_config(system, database=None):
     """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
     return {key: str(value).lower() if isinstance(value, bool) else str(value)
             for key, value in flask_config(system, database).items()}
@@ -671,14 +749,15 @@ def _fill(template, **values):
     return string.Template(template).substitute(values)
 
 
-def _server_command(system, host=None, port=None):
-    """The command that serves the installation: on systemd's socket, or on host:port."""
-    server = SERVERS[system.server]
-    application = system.wsgi_application if server["interface"] == "wsgi" \
+def _server_command(system, host=None, port=None, server=None):
+    """The command that serves the installation with its server (or ``server``): on
+    systemd's socket, or on host:port."""
+    server = server or system.server
+    application = system.wsgi_application if SERVERS[server]["interface"] == "wsgi" \
         else system.asgi_application
-    where = server["on_socket"] if host is None else \
-        [part.format(host=host, port=port) for part in server["on_port"]]
-    return [str(system.bin_dir / system.server), *where, application]
+    where = SERVERS[server]["on_socket"] if host is None else \
+        [part.format(host=host, port=port) for part in SERVERS[server]["on_port"]]
+    return [str(system.bin_dir / server), *where, application]
 
 
 def _render_units(system, user_unit):
@@ -725,22 +804,22 @@ def _render_services(system):
     }
 
 
-def render_starter(system, database="sqlite", requirements=None):
+def render_starter(system, requirements=None):
     """The files of a new repo for the installation, as ``new`` writes them below
-    ``core_repo_dir``: relative path -> text. ``requirements`` replaces those of the
-    framework and database in setup.py (``adopt`` keeps a project's own)."""
+    ``core_repo_dir``, its declaration (stagetools.ini) included: relative path -> text.
+    ``requirements`` replaces those of the framework and database in setup.py (``adopt``
+    keeps a project's own)."""
     import json
     django = system.framework == "django"
     modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
     arguments = [f"{key}={json.dumps(value)}" for key, value, default in [
         ("core_repo", system.core_repo, system.configuration),
-        ("core_app", system.core_app, system.core_repo),
-        ("framework", system.framework, "django")] if value != default]
+        ("core_app", system.core_app, system.core_repo)] if value != default]
     values = dict(
-        core_repo=system.core_repo, core_app=system.core_app, database=database,
+        core_repo=system.core_repo, core_app=system.core_app, framework=system.framework,
+        server=system.server, database=system.database,
         requirements=json.dumps(requirements or FRAMEWORKS[system.framework]["requirements"]
-                                + DATABASES[_valid_choice("database", database, DATABASES)]
-                                ["requirements"]),
+                                + DATABASES[system.database]["requirements"]),
         py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
                               + [module[:-3] for module in modules]),
         system_arguments=", ".join(arguments),
@@ -748,7 +827,7 @@ def render_starter(system, database="sqlite", requirements=None):
         settings_line='os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)\n'
         if django else "")
     templates = {"setup.py": _STARTER_SETUP, "aaa_env_setup.py": _STARTER_ENV_SETUP,
-                 **_STARTER_FILES[system.framework]}
+                 DECLARATION_FILE: _STARTER_DECLARATION, **_STARTER_FILES[system.framework]}
     files = {_fill(path, **values): _fill(text, **values) for path, text in templates.items()}
     here = os.path.dirname(os.path.realpath(__file__))
     for module in modules:
@@ -927,7 +1006,7 @@ def _probe_actual_system(expected, paths):
     import json
     options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
                "core_app": expected.core_app, "framework": expected.framework,
-               "server": expected.server, "paths": paths}
+               "server": expected.server, "database": expected.database, "paths": paths}
     switch = {}
     if _process_user_and_group()[0] != expected.user:
         if os.geteuid() != 0:
@@ -1039,10 +1118,12 @@ _OPTIONS = {
     "--framework": dict(choices=FRAMEWORKS, help="default: django"),
     "--server": dict(choices=SERVERS, help="default: the framework's first (gunicorn; "
                      "uvicorn for starlette)"),
-    "--database": dict(choices=DATABASES, default="sqlite", help="default: sqlite"),
+    "--database": dict(choices=DATABASES, help="default: sqlite"),
     "--python": dict(default=sys.executable, help="the Python of the venv; its user must be "
                      "able to run it (default: this one)"),
     "--json": dict(action="store_true", help="one JSON object, for machines"),
+    "--all": dict(action="store_true", help="every installation of this host (users whose "
+                  "home is a virtualenv named like them), a line each"),
 }
 
 
@@ -1064,26 +1145,27 @@ def _parser():
     parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    system = ("--core-repo", "--core-app", "--framework", "--server", "--json")
+    system = ("--core-repo", "--core-app", "--framework", "--server", "--database", "--json")
     command("show", "the actual system, or the expected one", "name", "--expected", "--base-dir",
             *system)
     command("new", "create an installation to start with: a venv named like the installation, "
-            "a starter repo, its database", "--framework", "--database", "--core-repo",
-            "--core-app", "--python",
+            "a starter repo (with its declaration), its database", "--framework", "--server",
+            "--database", "--core-repo", "--core-app", "--python",
             positional=("directory", dict(help="the new installation's dir, named like it: "
                                                "/tmp/shop_dev")))
     command("adopt", "adopt a Django project made by django-admin startproject, in place; "
             "prints what is left to do by hand", "--database", "--core-repo", "--core-app",
             positional=("directory", dict(help="the project's top directory, with manage.py")))
     command("check", "compare an installation on disk with its expected system; exit 1 on "
-            "any difference, 3 if it could not be checked", "name", "--base-dir", *system)
+            "any difference, 3 if it could not be checked", "name", "--all", "--base-dir",
+            *system)
     return parser
 
 
 def _cmd_show(args):
     import json
     options = dict(core_repo=args.core_repo, core_app=args.core_app,
-                   framework=args.framework, server=args.server)
+                   framework=args.framework, server=args.server, database=args.database)
     if args.expected:
         system = get_expected_system_from_name(args.name, base_dir=args.base_dir, **options)
     elif args.base_dir:
@@ -1118,9 +1200,10 @@ def _cmd_new(args):
     directory = Path(args.directory).absolute()
     system = get_expected_system_from_name(directory.name, base_dir=directory,
                                            core_repo=args.core_repo, core_app=args.core_app,
-                                           framework=args.framework)
+                                           framework=args.framework, server=args.server,
+                                           database=args.database)
     _refuse_a_directory_others_could_swap(directory)
-    starter = render_starter(system, args.database)
+    starter = render_starter(system)
     created = not os.path.lexists(directory)
     if created:  # made here, before anyone else can: in /tmp another user could be quicker
         try:
@@ -1138,13 +1221,10 @@ def _cmd_new(args):
         raise
     finally:
         os.umask(umask)
-    print(f"\nCreated {system.name} ({system.stage.label}, {args.database}) in {directory}. "
+    print(f"\nCreated {system.name} ({system.stage.label}, {system.database}) in {directory}. "
           "Serve it with one of:")
     for server in FRAMEWORKS[system.framework]["servers"]:
-        serving = get_expected_system_from_name(
-            system.name, base_dir=directory, core_repo=system.core_repo,
-            core_app=system.core_app, framework=system.framework, server=server)
-        print("  " + shlex.join(_server_command(serving, "127.0.0.1", 8000)))
+        print("  " + shlex.join(_server_command(system, "127.0.0.1", 8000, server)))
     return 0
 
 
@@ -1226,30 +1306,111 @@ def _cmd_adopt(args):
 
 def _cmd_check(args):
     import json
+    if args.all:
+        return _check_all(args)
     if not args.name:
-        raise StagetoolsError("check", "it needs the installation's name",
+        raise StagetoolsError("check", "it needs the installation's name, or --all",
                               "stagetools check shop_prod")
     expected = get_expected_system_from_name(
         args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
-        framework=args.framework, server=args.server)
-    checks, differences, could_not_check = check_installation(expected)
+        framework=args.framework, server=args.server, database=args.database)
+    report = _check_report(expected)
     if args.json:
-        print(json.dumps({"name": expected.name, "ok": not differences and not could_not_check,
-                          "checks": checks, "could_not_check": could_not_check,
-                          "differences": [{"what": what, "expected": want, "actual": have}
-                                          for what, want, have in differences]}, indent=2))
-    elif differences:
-        print(f"{expected.name}: {len(differences)} of {checks} checks differ")
-        rows = [("what", "expected", "actual")] + [tuple(_printable(part)[:200] for part in d)
-                                                   for d in differences]
+        print(json.dumps(report, indent=2))
+    elif report["differences"]:
+        print(f"{expected.name}: {len(report['differences'])} of {report['checks']} checks differ")
+        rows = [("what", "expected", "actual")] + [
+            tuple(_printable(difference[key])[:200] for key in ("what", "expected", "actual"))
+            for difference in report["differences"]]
         widths = [max(len(row[column]) for row in rows) for column in range(2)]
         for what, want, have in rows:
             print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
-    elif not could_not_check:
-        print(f"{expected.name}: all {checks} checks hold")
-    if could_not_check:
-        raise _CouldNotCheck(f"could not check {expected.name}", could_not_check)
-    return 1 if differences else 0
+    elif not report["could_not_check"]:
+        print(f"{expected.name}: all {report['checks']} checks hold")
+    if report["could_not_check"]:
+        raise _CouldNotCheck(f"could not check {expected.name}", report["could_not_check"])
+    return 1 if report["differences"] else 0
+
+
+def _check_report(expected):
+    """check_installation as JSON: {name, ok, checks, could_not_check, differences}."""
+    checks, differences, could_not_check = check_installation(expected)
+    return {"name": expected.name, "ok": not differences and not could_not_check,
+            "checks": checks, "could_not_check": could_not_check,
+            "differences": [{"what": what, "expected": want, "actual": have}
+                            for what, want, have in differences]}
+
+
+def _check_all(args):
+    """Every installation of this host, a line each (or one JSON object): 3 if one could
+    not be checked, else 1 if one differs."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    given = [option for option in ("name", "base_dir", "core_repo", "core_app", "framework",
+                                   "server", "database") if getattr(args, option)]
+    if given:
+        raise StagetoolsError(f"check --all with {given[0]}", "each installation is checked "
+                              "as its repo declares it", "leave the other options out")
+
+    def report(found):
+        name, base_dir = found
+        try:
+            return _check_report(_expected_on_this_host(name, base_dir))
+        except StagetoolsError as error:
+            return {"name": name, "ok": False, "checks": 0, "could_not_check": str(error),
+                    "differences": []}
+
+    # The checks wait on the installations' Pythons: several at once.
+    with ThreadPoolExecutor(8) as pool:
+        reports = list(pool.map(report, _installations_on_this_host()))
+    if args.json:
+        print(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
+                         indent=2))
+    width = max([len(r["name"]) for r in reports], default=0)
+    for r in reports if not args.json else ():
+        what = (f"could not check: {r['could_not_check']}" if r["could_not_check"] else
+                f"{len(r['differences'])} of {r['checks']} checks differ: " + ", ".join(
+                    d["what"] for d in r["differences"]) if r["differences"] else
+                f"all {r['checks']} checks hold")
+        print(f"{r['name']:<{width}}  {_printable(what)[:300]}")
+    if not reports and not args.json:
+        print("no installations on this host (users whose home is a virtualenv named "
+              "like them)")
+    return 3 if any(r["could_not_check"] for r in reports) else \
+        1 if any(r["differences"] for r in reports) else 0
+
+
+def _installations_on_this_host():
+    """(name, base dir) of each user named like an installation whose home is a
+    virtualenv of that name."""
+    import pwd
+    found = []
+    for entry in sorted(pwd.getpwall(), key=lambda entry: entry.pw_name):
+        home = os.path.normpath(entry.pw_dir or "/")
+        if (_name_problem(entry.pw_name) is None and os.path.basename(home) == entry.pw_name
+                and _file_kind(os.path.join(home, "pyvenv.cfg")) == _REGULAR_FILE):
+            found.append((entry.pw_name, home))
+    return found
+
+
+def _expected_on_this_host(name, base_dir):
+    """The expected system of an installation found on this host: its repo is src/<the
+    configuration>, or else the one repo in src/ that holds stagetools.py."""
+    configuration = parse_name(name)[0]
+    src = os.path.join(base_dir, "src")
+    if _file_kind(os.path.join(src, configuration)) == _DIRECTORY:
+        return get_expected_system_from_name(name, base_dir=base_dir)
+    try:
+        repos = sorted(entry.name for entry in os.scandir(src) if entry.is_dir(
+            follow_symlinks=False) and os.path.isfile(os.path.join(entry.path, "stagetools.py")))
+    except OSError as error:
+        raise StagetoolsError(f"'{src}'", f"cannot list it: {error.strerror}",
+                              "run check as root") from None
+    if len(repos) != 1:
+        raise StagetoolsError(f"'{src}'", f"it holds {len(repos)} repos with stagetools.py, "
+                              "not one", f"check it alone: stagetools check {name} --core-repo "
+                              "REPO")
+    return get_expected_system_from_name(name, base_dir=base_dir, core_repo=repos[0])
 
 
 def main(argv=None):
@@ -1413,6 +1574,14 @@ setup(
     install_requires=$requirements,
 )
 """
+_STARTER_DECLARATION = """\
+# What the installation's name cannot say, declared once: read by `stagetools show
+# --expected` and `stagetools check` (the deploy side) and by the installation itself.
+[stagetools]
+framework = $framework
+server = $server
+database = $database
+"""
 _STARTER_ENV_SETUP = """\
 ${imports}from stagetools import get_actual_system_from_name
 
@@ -1437,7 +1606,7 @@ sys.exit(stagetools_django.manage())
     "stagetools_project/settings.py": """\
 from stagetools_django import settings_defaults
 
-globals().update(settings_defaults("$database"))
+globals().update(settings_defaults())
 
 # Your settings below, for example: ALLOWED_HOSTS += ["shop.example.com"]
 """,
@@ -1554,7 +1723,7 @@ from . import db
 SYSTEM = aaa_env_setup.SYSTEM
 application = Flask(__name__, static_folder=str(SYSTEM.static_dir),
                     static_url_path="/" + SYSTEM.static_url.rstrip("/"))
-application.config.update(stagetools.flask_config(SYSTEM, "$database"))
+application.config.update(stagetools.flask_config(SYSTEM))
 DATABASE_URL = application.config["DATABASE_URL"]
 
 
@@ -1597,7 +1766,7 @@ from starlette.staticfiles import StaticFiles
 from . import db
 
 SYSTEM = aaa_env_setup.SYSTEM
-config = Config(environ=stagetools.starlette_config(SYSTEM, "$database"))
+config = Config(environ=stagetools.starlette_config(SYSTEM))
 DEBUG = config("DEBUG", cast=bool)
 DATABASE_URL = config("DATABASE_URL")
 

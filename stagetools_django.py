@@ -77,12 +77,13 @@ def _env_setup():
         stagetools.get_actual_system_from_name()
 
 
-def settings_defaults(database="sqlite", system=None):
+def settings_defaults(database=None, system=None):
     """Django settings for the installation: ``globals().update(settings_defaults())``.
 
-    ``database`` is "sqlite" (the file ``database_sqlite_path``) or "postgresql"
-    (database and role named after the installation, peer authentication over
-    the local socket, no password).
+    The database is the one the repo declares in its stagetools.ini (``database =
+    sqlite``, the file ``database_sqlite_path``, or ``postgresql``: database and role
+    named after the installation, peer authentication over the local socket, no
+    password); ``database`` given here overrides it.
     """
     system = system or _env_setup()
     database_settings = stagetools.django_database(system, database)
@@ -414,10 +415,10 @@ def _adopt_settings(module, source, database):
             result.append(line)
         if number == head - 1:
             result.append(f'\nfrom stagetools_django import settings_defaults\n\n'
-                          f'globals().update(settings_defaults("{database}"))\n')
+                          f'globals().update(settings_defaults())\n')
     if head == 0:
         result.insert(0, f'from stagetools_django import settings_defaults\n\n'
-                         f'globals().update(settings_defaults("{database}"))\n\n')
+                         f'globals().update(settings_defaults())\n\n')
     text = "".join(result)
     while "\n\n\n\n" in text:
         text = text.replace("\n\n\n\n", "\n\n\n")
@@ -478,7 +479,7 @@ def _adopt_apply(directory, package, settings_text, removed, manage_text, remova
     print(f"renamed {package}/ to {stagetools.DJANGO_PROJECT}/ (the settings package of every "
           "stagetools installation)")
     _adopt_write(directory / stagetools.DJANGO_PROJECT / "settings.py", settings_text)
-    print(f"rewrote {stagetools.DJANGO_PROJECT}/settings.py: settings_defaults(\"{database}\") "
+    print(f"rewrote {stagetools.DJANGO_PROJECT}/settings.py: settings_defaults() "
           f"first; removed {', '.join(removed) or 'nothing'} (stagetools derives them)")
     _adopt_write(directory / "manage.py", manage_text)
     print(f"replaced manage.py (it set DJANGO_SETTINGS_MODULE to {package}.settings) with "
@@ -516,7 +517,7 @@ def _adopt_mentions(directory, package, modules, skipped):
     return mentions
 
 
-def adopt(directory, database="sqlite", core_repo=None, core_app=None):
+def adopt(directory, database=None, core_repo=None, core_app=None):
     """Adopt a Django project made by django-admin startproject, in place (``stagetools
     adopt DIR``): the settings package becomes stagetools_project, the aaa modules,
     manage.py, the packaging file and both stagetools modules are written; it prints each
@@ -559,20 +560,23 @@ def adopt(directory, database="sqlite", core_repo=None, core_app=None):
     local_apps = [app.split(".")[0] for app in apps
                   if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
     core_app = core_app or (local_apps[0] if local_apps else core_repo)
-    system = stagetools.get_expected_system_from_name(f"{core_repo.lower()}_dev",
-                                                      core_repo=core_repo, core_app=core_app)
+    # The DEV installation it asks the user to make in their home (see the steps it prints).
+    name = f"{core_repo.lower()}_dev"
+    system = stagetools.get_expected_system_from_name(
+        name, base_dir=Path.home() / name, core_repo=core_repo, core_app=core_app,
+        database=database)
     if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
         _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
                       "run adopt as the user who owns the project")
-    requirements = _adopt_requirements(directory, database)
+    requirements = _adopt_requirements(directory, system.database)
     try:
-        starter = stagetools.render_starter(system, database, requirements)
+        starter = stagetools.render_starter(system, requirements)
     except OSError as error:
         raise stagetools.StagetoolsError("cannot read stagetools_django.py next to "
                                          f"stagetools.py ({error.strerror})", "adopt copies "
                                          "both into the project", "keep them side by side")
     written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
-               "stagetools_django.py"]
+               "stagetools_django.py", stagetools.DECLARATION_FILE]
     in_the_way = [name for name in written if (directory / name).exists()]
     if in_the_way:
         _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt "
@@ -584,7 +588,7 @@ def adopt(directory, database="sqlite", core_repo=None, core_app=None):
     files = {name: starter[name] for name in written}
     if not packaging:
         files["setup.py"] = starter["setup.py"]
-    settings_text, removed, notes = _adopt_settings(module, source, database)
+    settings_text, removed, notes = _adopt_settings(module, source, system.database)
     entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
                     if (directory / package / name).exists()]
     removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
@@ -594,7 +598,7 @@ def adopt(directory, database="sqlite", core_repo=None, core_app=None):
     # Everything is known and checked: now change the tree.
     try:
         _adopt_apply(directory, package, settings_text, removed, starter["manage.py"],
-                     removable, files, database)
+                     removable, files, system.database)
     except OSError as error:
         raise stagetools.StagetoolsError(f"adopting '{directory}' stopped", f"{error}; "
                                          "every file is whole, but the steps printed above "

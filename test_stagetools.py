@@ -212,7 +212,7 @@ SHOP_PROD = {
     "name": "shop_prod", "name_source": "argument", "user": "shop_prod", "group": "shop_prod",
     "container": "shop-prod", "configuration": "shop", "stage_name": "prod", "stage": "prod",
     "core_repo": "shop", "core_app": "shop", "is_debug": False, "framework": "django",
-    "server": "gunicorn",
+    "server": "gunicorn", "database": "sqlite",
     "base_dir": "/home/shop_prod", "venv_dir": "/home/shop_prod",
     "bin_dir": "/home/shop_prod/bin", "lib_dir": "/home/shop_prod/lib",
     "src_dir": "/home/shop_prod/src", "python_path": "/home/shop_prod/bin/python",
@@ -449,6 +449,56 @@ def test_any_option_value__exit_2_one_line_or_json(option, value):
         assert returncode == 2 and stdout.getvalue() == ""
         assert stderr.getvalue().startswith("stagetools: error: ")
         assert stderr.getvalue().count("\n") == 1
+
+
+# ---------------------------------------------------------------- the declaration of a repo
+
+BAD_DECLARATIONS = {
+    "[stagetools]\nframework = rails\n":
+        "line 2: framework = 'rails' is none of the choices; choose one of django, flask",
+    "[stagetools]\nframework: flask\n": "line 2 is not 'key = value' in the [stagetools]",
+    "framework = flask\n": "line 1 is not 'key = value' in the [stagetools] section",
+    "[stagetools]\nworkers = 4\n": "line 2: 'workers' is no choice",
+    "[other]\nframework = flask\n": "line 1: the section [other] is not one of stagetools",
+    "[stagetools]\nserver = gunicorn\nserver = uvicorn\n": "line 3: 'server' is declared twice",
+    "[stagetools]\nframework = flask\nserver = uvicorn\n": "invalid server for flask 'uvicorn'",
+}
+
+
+def test_declaration__read_by_show_and_by_the_installation_flags_cannot_contradict(tmp_path):
+    venv = tmp_path / "shop_prod"
+    run([sys.executable, "-m", "venv", "--without-pip", venv])
+    repo = venv / "src" / "shop"
+    repo.mkdir(parents=True)
+    declaration = repo / "stagetools.ini"
+    declaration.write_text("# ours\n[stagetools]\nframework = starlette\n; the default server\n"
+                           "database = postgresql\n")
+    expected = show_json("shop_prod", "--expected", "--base-dir", venv)
+    actual = show_json(python=venv / "bin" / "python")  # the installation's own Python
+    for data in (expected, actual):
+        assert (data["framework"], data["server"], data["database"]) == (
+            "starlette", "uvicorn", "postgresql")
+        assert data["asgi_application"] == "shop:application"
+    assert show_json("shop_prod", "--expected", "--base-dir", venv, "--database",
+                     "postgresql") == expected  # a flag that agrees is fine
+    result = cli("show", "shop_prod", "--expected", "--base-dir", venv, "--framework", "flask")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert (f"framework 'flask': the repo declares framework = starlette in '{declaration}'; "
+            "leave the framework out") in result.stderr
+    import configparser  # the same file is INI to everybody else
+    parser = configparser.ConfigParser()
+    parser.read(declaration)
+    assert dict(parser["stagetools"]) == {"framework": "starlette", "database": "postgresql"}
+    for text, rule in BAD_DECLARATIONS.items():
+        declaration.write_text(text)
+        result = cli("show", "shop_prod", "--expected", "--base-dir", venv)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, text
+        assert rule in result.stderr and "Traceback" not in result.stderr, result.stderr
+    declaration.unlink()
+    (tmp_path / "elsewhere.ini").write_text("[stagetools]\nframework = flask\n")
+    declaration.symlink_to(tmp_path / "elsewhere.ini")
+    result = cli("show", "shop_prod", "--expected", "--base-dir", venv)
+    assert result.returncode == 2 and "is a symbolic link" in result.stderr
 
 
 def test_show_into_a_closed_pipe__no_traceback():
@@ -846,6 +896,12 @@ def test_dev_installation__starter_layout(dev_installation):
         assert (repo / relative).exists(), relative
     assert (directory / "shop.sqlite").stat().st_size > 0
     assert stat.S_IMODE((directory / "secret_key").stat().st_mode) == 0o600
+    # The repo declares what the name cannot say; INI to configparser too.
+    import configparser
+    declaration = configparser.ConfigParser()
+    declaration.read(repo / "stagetools.ini")
+    assert dict(declaration["stagetools"]) == {"framework": "django", "server": "gunicorn",
+                                               "database": "sqlite"}
     # Made under umask 022, private all the same: database, uploads and key.
     assert stat.S_IMODE((directory / "shop.sqlite").stat().st_mode) == 0o600
     assert stat.S_IMODE((directory / "media").stat().st_mode) == 0o700
@@ -1212,7 +1268,8 @@ def construct(name, shared_dir, postgres, stack, server, framework="django",
     if database == "postgresql":
         postgres.create_database(name)
         env.update(postgres.env())
-    new_installation(base_dir, "--database", database, "--framework", framework, user=name,
+    new_installation(base_dir, "--database", database, "--framework", framework, "--server",
+                     server, user=name,
                      env=env)
     if framework == "django":
         run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
@@ -1251,7 +1308,7 @@ def listing(name):
 
 
 def check(name, *args):
-    result = cli("check", name, "--server", SERVER_OF[name], "--json", *args)
+    result = cli("check", name, "--json", *args)  # the repo's declaration says the rest
     assert result.returncode in (0, 1), result.stderr
     report = json.loads(result.stdout)
     return result.returncode, {d["what"]: d for d in report["differences"]}
@@ -1293,8 +1350,17 @@ def test_check__constructed_installation_holds(three_installations, shared_dir):
                        "show", "--expected", "--json"], cwd="/")
         assert json.loads(as_user.stdout)["name_source"] == "login name"
         assert json.loads(as_user.stdout)["name"] == name
-    table = cli("check", "shop_dev", "--server", "uvicorn")
+    table = cli("check", "shop_dev")  # no flags: the repo declares uvicorn
     assert table.returncode == 0 and re.match(r"shop_dev: all \d+ checks hold", table.stdout)
+    started = time.monotonic()
+    audit = cli("check", "--all")
+    seconds = time.monotonic() - started
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    for name in three_installations:
+        assert re.search(rf"^{name} +all \d+ checks hold$", audit.stdout, re.M), audit.stdout
+    print(f"check --all: {len(audit.stdout.splitlines())} installations in {seconds:.2f} s")
+    report = json.loads(cli("check", "--all", "--json").stdout)
+    assert report["ok"] and {r["name"] for r in report["installations"]} >= set(SERVER_OF)
 
 
 @contextlib.contextmanager
@@ -2031,7 +2097,8 @@ def test_adopt__own_requirements_hosts_and_old_names_kept_or_listed(tmp_path):
             '"hypercorn", "psycopg[binary]"]') in setup_py
     settings = (project / "stagetools_project" / "settings.py").read_text()
     assert "ALLOWED_HOSTS += ['shop.example.com']" in settings
-    assert 'globals().update(settings_defaults("postgresql"))' in settings
+    assert "globals().update(settings_defaults())" in settings
+    assert "database = postgresql" in (project / "stagetools.ini").read_text()
     # The old package named in code is listed; a domain that starts like it is not.
     assert "these lines name shop, which is stagetools_project now: jobs.py:1\n" in result.stdout
     assert "the core app 'shop' is not in INSTALLED_APPS" in result.stdout

@@ -132,7 +132,7 @@ def make_fixtures(tmp):
     benchmark's app in it; <tmp>/plain: the same app in plain Django files."""
     system = stagetools.get_expected_system_from_name(NAME, base_dir=tmp / NAME)
     project = system.core_repo_dir
-    write_files(project, {**stagetools.render_starter(system, "sqlite"), **APP, **PLAIN_ASGI})
+    write_files(project, {**stagetools.render_starter(system), **APP, **PLAIN_ASGI})
     plain = tmp / "plain"
     write_files(plain, {**PLAIN_PROJECT, **APP})
     settings = run([PYTHON, "-c", WRITE_PLAIN_SETTINGS], project)[2]
