@@ -629,6 +629,8 @@ def read_declaration(repo_dir):
     section of ``key = value`` lines, ``#`` or ``;`` comments. Parsed here, because every
     process start reads it and configparser's import alone costs more than resolving."""
     path = os.path.join(repo_dir, DECLARATION_FILE)
+    if not os.path.lexists(path):  # cheaper than the exception below, at every start
+        return {}
     given = f"the declaration '{path}'"
     try:
         text = _read_regular_file(path, given, _DECLARATION_MAX_BYTES,
