@@ -130,24 +130,6 @@ _PROBE_OUTPUT_LIMIT = 1 << 20  # bytes an installation may print to `check`; an 
 _PROBE_TIMEOUT = 60  # seconds
 
 
-# ---------------------------------------------------------------- errors
-
-
-class StagetoolsError(ValueError):
-    """Every refusal of stagetools: what was given, the rule it breaks, and the fix."""
-
-    def __init__(self, given, rule, fix=None):
-        super().__init__(given, rule, fix)
-        self.given, self.rule, self.fix = given, rule, fix
-
-    def __str__(self):
-        return f"{self.given}: {self.rule}" + (f"; {self.fix}" if self.fix else "")
-
-
-class _CouldNotCheck(StagetoolsError):
-    """The installation gave no usable answer: exit code 3, not "bad input"."""
-
-
 def parse_name(name):
     """Split an installation name into (configuration, stage_name, stage), or refuse it."""
     def refuse(rule, fix=f"for example {_EXAMPLE_NAME!r}"):
@@ -238,6 +220,24 @@ def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
                               f"{declared[kind]} in '{os.path.join(repo_dir, DECLARATION_FILE)}'",
                               f"leave the {kind} out: the declaration says it")
     return _valid_choice(label or kind, given or declared.get(kind) or default, choices)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class StagetoolsError(ValueError):
+    """Every refusal of stagetools: what was given, the rule it breaks, and the fix."""
+
+    def __init__(self, given, rule, fix=None):
+        super().__init__(given, rule, fix)
+        self.given, self.rule, self.fix = given, rule, fix
+
+    def __str__(self):
+        return f"{self.given}: {self.rule}" + (f"; {self.fix}" if self.fix else "")
+
+
+class _CouldNotCheck(StagetoolsError):
+    """The installation gave no usable answer: exit code 3, not "bad input"."""
 
 
 # ---------------------------------------------------------------- the system
