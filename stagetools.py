@@ -421,7 +421,6 @@ def _process_user_and_group():
     """User and group names of this process; Windows has no pwd/grp."""
     try:
         import grp
-        import pwd
     except ImportError:
         import getpass
         return getpass.getuser(), ""

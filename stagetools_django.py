@@ -334,6 +334,9 @@ def manage(argv=None):
 # Settings that stagetools derives from the installation: adopt removes them from settings.py.
 _ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "WSGI_APPLICATION",
                            "STATIC_URL", "STATIC_ROOT", "MEDIA_URL", "MEDIA_ROOT")
+# The lines adopt puts at the top of settings.py.
+_ADOPT_SETTINGS_HEAD = ("from stagetools_django import settings_defaults\n\n"
+                        "globals().update(settings_defaults())")
 # What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
 _ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
                            "from django.core.asgi import get_asgi_application",
@@ -414,11 +417,9 @@ def _adopt_settings(module, source, database):
         elif number not in drop:
             result.append(line)
         if number == head - 1:
-            result.append(f'\nfrom stagetools_django import settings_defaults\n\n'
-                          f'globals().update(settings_defaults())\n')
+            result.append("\n" + _ADOPT_SETTINGS_HEAD + "\n")
     if head == 0:
-        result.insert(0, f'from stagetools_django import settings_defaults\n\n'
-                         f'globals().update(settings_defaults())\n\n')
+        result.insert(0, _ADOPT_SETTINGS_HEAD + "\n\n")
     text = "".join(result)
     while "\n\n\n\n" in text:
         text = text.replace("\n\n\n\n", "\n\n\n")
@@ -527,25 +528,8 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
     import re
     from pathlib import Path
     directory = Path(directory).absolute()
-    manage_py = directory / "manage.py"
-    if not manage_py.is_file():
-        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
-                      "project's manage.py (the top of the repo)")
-    if (directory / stagetools.DJANGO_PROJECT).exists():
-        _adopt_refuse(directory, f"it has {stagetools.DJANGO_PROJECT}/ already: it is adopted",
-                      "nothing to adopt; run its tests with: python -m stagetools_django test")
-    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
-                      manage_py.read_text(encoding="utf-8", errors="replace"))
-    if not found or "." in found.group(1):
-        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE to "
-                      "'PACKAGE.settings' as django-admin startproject writes it",
-                      "adopt by hand: see the README, 'Adopting stagetools in an existing "
-                      "Django project'")
-    package = found.group(1)
+    package = _adopt_settings_package(directory)
     settings_py = directory / package / "settings.py"
-    if not settings_py.is_file():
-        _adopt_refuse(directory, f"manage.py names {package}.settings, but "
-                      f"{package}/settings.py is not a file", "adopt by hand (see the README)")
     core_repo = core_repo or directory.name
     if not (core_repo.isidentifier() and core_repo.isascii()):
         _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
@@ -604,9 +588,45 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
                                          "every file is whole, but the steps printed above "
                                          "are all that was done", "undo them (git checkout) "
                                          "or finish by hand") from None
+    print("\nLeft to do by hand:")
+    todo = _adopt_left_to_do(directory, system, package, apps, notes, packaging, py_modules,
+                             sorted(set(entry_points) - set(removable)),
+                             _adopt_mentions(directory, package, modules, set(written)))
+    for number, item in enumerate(todo, 1):
+        print(f"  {number}. {item}")
+    return 0
 
+
+def _adopt_settings_package(directory):
+    """The package that manage.py names as DJANGO_SETTINGS_MODULE, or a refusal."""
+    import re
+    manage_py = directory / "manage.py"
+    if not manage_py.is_file():
+        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
+                      "project's manage.py (the top of the repo)")
+    if (directory / stagetools.DJANGO_PROJECT).exists():
+        _adopt_refuse(directory, f"it has {stagetools.DJANGO_PROJECT}/ already: it is adopted",
+                      "nothing to adopt; run its tests with: python -m stagetools_django test")
+    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
+                      manage_py.read_text(encoding="utf-8", errors="replace"))
+    if not found or "." in found.group(1):
+        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE to "
+                      "'PACKAGE.settings' as django-admin startproject writes it",
+                      "adopt by hand: see the README, 'Adopting stagetools in an existing "
+                      "Django project'")
+    package = found.group(1)
+    if not (directory / package / "settings.py").is_file():
+        _adopt_refuse(directory, f"manage.py names {package}.settings, but "
+                      f"{package}/settings.py is not a file", "adopt by hand (see the README)")
+    return package
+
+
+def _adopt_left_to_do(directory, system, package, apps, notes, packaging, py_modules,
+                      kept_entry_points, mentions):
+    """What adopt leaves to the user, in the order to do it."""
+    core_app = system.core_app
     todo = list(notes)
-    for path in sorted(set(entry_points) - set(removable)):
+    for path in kept_entry_points:
         todo.append(f"{stagetools.DJANGO_PROJECT}/{path.name} does more than startproject's: "
                     "move what it adds into settings or middleware, then delete it (the entry "
                     "points are stagetools_django:wsgi_application and :asgi_application)")
@@ -614,7 +634,6 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
         todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
                     f"{stagetools.DJANGO_PROJECT} and {core_app} (the README shows a whole "
                     "setup.py)")
-    mentions = _adopt_mentions(directory, package, modules, set(written))
     if mentions:
         todo.append(f"these lines name {package}, which is {stagetools.DJANGO_PROJECT} now: "
                     f"{', '.join(mentions)}")
@@ -631,10 +650,7 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
     todo.append(f"then, from anywhere: ~/{system.name}/bin/python -m stagetools_django "
                 f"migrate (and test, runserver, ...); serve with ~/{system.name}/bin/uvicorn "
                 "stagetools_django:asgi_application")
-    print("\nLeft to do by hand:")
-    for number, item in enumerate(todo, 1):
-        print(f"  {number}. {item}")
-    return 0
+    return todo
 
 
 
