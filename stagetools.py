@@ -215,11 +215,58 @@ def _valid_choice(kind, value, choices):
 
 def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
     """A choice: given or declared (the two may not disagree), else the default."""
+    path = os.path.join(repo_dir, DECLARATION_FILE)
     if given is not None and kind in declared and given != declared[kind]:
         raise StagetoolsError(f"{kind} {given!r}", f"the repo declares {kind} = "
-                              f"{declared[kind]} in '{os.path.join(repo_dir, DECLARATION_FILE)}'",
+                              f"{declared[kind]} in '{path}'",
                               f"leave the {kind} out: the declaration says it")
+    if given is None and declared.get(kind, default) not in choices:  # server = uvicorn, Flask
+        raise _BadDeclaration(f"the declaration '{path}'", f"{kind} = {declared[kind]} is not "
+                              f"a {label or kind}", f"choose one of {', '.join(choices)}")
     return _valid_choice(label or kind, given or declared.get(kind) or default, choices)
+
+
+def read_declaration(repo_dir):
+    """The choices a repo declares in its ``stagetools.ini``: ``{key: value}``, empty
+    without one. A strict subset of INI (configparser reads it too): one ``[stagetools]``
+    section of ``key = value`` lines, ``#`` or ``;`` comments. Parsed here, because every
+    process start reads it and configparser's import alone costs more than resolving."""
+    path = os.path.join(repo_dir, DECLARATION_FILE)
+    if not os.path.lexists(path):  # cheaper than the exception below, at every start
+        return {}
+    given = f"the declaration '{path}'"
+    try:
+        text = _read_regular_file(path, given, _DECLARATION_MAX_BYTES,
+                                  "make it a file of the repo (see the README)")
+    except FileNotFoundError:
+        return {}
+    except StagetoolsError as error:
+        raise _BadDeclaration(error.given, error.rule, error.fix) from None
+    declared, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        key, equals, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            if section != "stagetools":
+                raise _BadDeclaration(given, f"line {number}: the section [{section}] is not "
+                                      "one of stagetools", "name it [stagetools]")
+        elif section is None or not equals:
+            raise _BadDeclaration(given, f"line {number} is not 'key = value' in the "
+                                  "[stagetools] section", f"for example: {_DECLARATION_EXAMPLE}")
+        elif key not in _DECLARED or key in declared:
+            raise _BadDeclaration(given, f"line {number}: {key!r} is "
+                                  f"{'declared twice' if key in declared else 'no choice'}",
+                                  f"declare each of {', '.join(_DECLARED)} once at most")
+        elif value not in _DECLARED[key]:
+            raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
+                                  "choices", f"choose one of {', '.join(_DECLARED[key])}")
+        else:
+            declared[key] = value
+    return declared
 
 
 # ---------------------------------------------------------------- errors
@@ -238,6 +285,11 @@ class StagetoolsError(ValueError):
 
 class _CouldNotCheck(StagetoolsError):
     """The installation gave no usable answer: exit code 3, not "bad input"."""
+
+
+class _BadDeclaration(StagetoolsError):
+    """A repo's stagetools.ini that cannot be read: bad input to show, an installation
+    that could not be checked to check."""
 
 
 # ---------------------------------------------------------------- the system
@@ -371,8 +423,8 @@ class System:
                 if name not in ignore and mine[name] != theirs[name]]
 
 
-def _build_system(name, name_source, base_dir, user, group,
-                  core_repo=None, core_app=None, framework=None, server=None, database=None):
+def _build_system(name, name_source, base_dir, user, group, core_repo=None, core_app=None,
+                  framework=None, server=None, database=None, declared=None):
     configuration, stage_name, stage = parse_name(name)
     core_repo = _valid_identifier("core_repo", core_repo or configuration, name)
     core_app = _valid_identifier("core_app", core_app or core_repo, name)
@@ -380,7 +432,8 @@ def _build_system(name, name_source, base_dir, user, group,
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
-    declared = read_declaration(core_repo_dir)
+    if declared is None:
+        declared = read_declaration(core_repo_dir)
     framework = _chosen("framework", framework, declared, "django", core_repo_dir, FRAMEWORKS)
     servers = FRAMEWORKS[framework]["servers"]
     server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
@@ -469,17 +522,32 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     The name comes from, in order: the argument, the environment variable
     ``STAGETOOLS_NAME``, the directory of the running virtualenv (``sys.prefix``),
     the nearest virtualenv above this file named like an installation. The
-    ``name_source`` attribute says which one was used. Framework, server and
+    ``name_source`` attribute says which one was used. A name given (argument or
+    variable) that contradicts the virtualenv it runs in is refused: a DEV name in a
+    PROD virtualenv would turn DEBUG on next to PROD's data. Framework, server and
     database are what the repo declares in its stagetools.ini, unless given.
     """
     prefix = os.path.normpath(sys.prefix)
+    place = _installation_where_this_runs(prefix)  # (name, kind, directory) or None
     if name is not None:
         parse_name(name)
-        source = "argument"
+        given, source, fix = f"the name {name!r}", "argument", "give {!r} or no name"
     elif os.environ.get(ENV_NAME) is not None:
-        name, source = _name_from_environment(prefix), f"environment {ENV_NAME}"
+        name = os.environ[ENV_NAME]
+        try:
+            parse_name(name)
+        except StagetoolsError as error:
+            raise StagetoolsError(f"environment variable {ENV_NAME}: {error.given}", error.rule,
+                                  error.fix) from None
+        given, source = f"{ENV_NAME}={name!r}", f"environment {ENV_NAME}"
+        fix = f"unset {ENV_NAME} or set it to {{!r}}"
+    elif place is not None:
+        name, source, given = place[0], f"{place[1]} {place[2]}", None
     else:
-        name, source = _name_from_where_this_runs(prefix)
+        _refuse_unknown_name(prefix)
+    if given and place and place[0] != name:
+        raise StagetoolsError(given, f"it contradicts the {place[1]} '{place[2]}' of the "
+                              f"installation {place[0]!r}", fix.format(place[0]))
     basename = os.path.basename
     base_dir = prefix if basename(prefix) == name else next(
         (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
@@ -488,35 +556,23 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
                          core_repo, core_app, framework, server, database)
 
 
-def _name_from_environment(prefix):
-    """STAGETOOLS_NAME, refused if invalid or if the virtualenv is another installation."""
-    name = os.environ[ENV_NAME]
-    try:
-        parse_name(name)
-    except StagetoolsError as error:
-        raise StagetoolsError(f"environment variable {ENV_NAME}: {error.given}", error.rule,
-                              error.fix) from None
-    venv_name = os.path.basename(prefix)
-    if _name_problem(venv_name) is None and venv_name != name:
-        # A DEV name in a PROD virtualenv would turn DEBUG on next to PROD's data.
-        raise StagetoolsError(f"{ENV_NAME}={name!r}", f"it contradicts the virtualenv '{prefix}' "
-                              f"of the installation {venv_name!r}",
-                              f"unset {ENV_NAME} or set it to {venv_name!r}")
-    return name
-
-
-def _name_from_where_this_runs(prefix):
-    """(name, source) from the running virtualenv or one above this file, or a refusal
-    that lists every source tried."""
-    venv_name = os.path.basename(prefix)
-    problem = _name_problem(venv_name)
-    if problem is None:
-        return venv_name, f"virtualenv {prefix}"
+def _installation_where_this_runs(prefix):
+    """(name, 'virtualenv' or 'module path', directory) of the running virtualenv, or of
+    the nearest virtualenv above this file, if one is named like an installation."""
+    if _name_problem(os.path.basename(prefix)) is None:
+        return os.path.basename(prefix), "virtualenv", prefix
     for directory in _module_dirs():
         if _venv_named_like_an_installation(directory):
-            return os.path.basename(directory), f"module path {directory}"
+            return os.path.basename(directory), "module path", directory
+    return None
+
+
+def _refuse_unknown_name(prefix):
+    """The refusal when no source gives a name: every source and what it held."""
+    venv_name = os.path.basename(prefix)
     tried = ["argument: not given", f"environment {ENV_NAME}: not set",
-             f"virtualenv (sys.prefix) '{prefix}': {venv_name!r} is not a name ({problem})",
+             f"virtualenv (sys.prefix) '{prefix}': {venv_name!r} is not a name "
+             f"({_name_problem(venv_name)})",
              f"module path '{_module_dirs()[0]}': no virtualenv above it is named like an "
              "installation"]
     raise StagetoolsError("cannot tell the installation name", "tried " + "; ".join(tried),
@@ -525,11 +581,12 @@ def _name_from_where_this_runs(prefix):
 
 
 def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core_app=None,
-                                  framework=None, server=None, database=None):
+                                  framework=None, server=None, database=None, declared=None):
     """The system a deploy tool should build: user and group are the name,
     base_dir ``/home/<name>`` unless given; the name defaults to the login name.
     Framework, server and database are what the repo declares in its stagetools.ini
-    (once it is in place), unless given."""
+    (once it is in place), unless given; ``declared`` replaces that file's choices
+    for a tool that holds the repo elsewhere (``{}``: none)."""
     source = "argument"
     if name is None:
         name, _ = _process_user_and_group()
@@ -539,8 +596,8 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
         except StagetoolsError as error:
             raise StagetoolsError(f"the login name of this process: {error.given}", error.rule,
                                   "give the installation name") from None
-    return _build_system(name, source, base_dir or f"/home/{name}", name, name,
-                         core_repo, core_app, framework, server, database)
+    return _build_system(name, source, f"/home/{name}" if base_dir is None else base_dir,
+                         name, name, core_repo, core_app, framework, server, database, declared)
 
 
 def read_secret_key(system):
@@ -622,47 +679,6 @@ def _read_regular_file(path, given, limit, fix, look=None):
         raise StagetoolsError(given, "it is not UTF-8 text", fix) from None
 
 
-def read_declaration(repo_dir):
-    """The choices a repo declares in its ``stagetools.ini``: ``{key: value}``, empty
-    without one. A strict subset of INI (configparser reads it too): one ``[stagetools]``
-    section of ``key = value`` lines, ``#`` or ``;`` comments. Parsed here, because every
-    process start reads it and configparser's import alone costs more than resolving."""
-    path = os.path.join(repo_dir, DECLARATION_FILE)
-    if not os.path.lexists(path):  # cheaper than the exception below, at every start
-        return {}
-    given = f"the declaration '{path}'"
-    try:
-        text = _read_regular_file(path, given, _DECLARATION_MAX_BYTES,
-                                  "make it a file of the repo (see the README)")
-    except FileNotFoundError:
-        return {}
-    declared, section = {}, None
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        key, equals, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1].strip()
-            if section != "stagetools":
-                raise StagetoolsError(given, f"line {number}: the section [{section}] is not "
-                                      "one of stagetools", "name it [stagetools]")
-        elif section is None or not equals:
-            raise StagetoolsError(given, f"line {number} is not 'key = value' in the "
-                                  "[stagetools] section", f"for example: {_DECLARATION_EXAMPLE}")
-        elif key not in _DECLARED or key in declared:
-            raise StagetoolsError(given, f"line {number}: {key!r} is "
-                                  f"{'declared twice' if key in declared else 'no choice'}",
-                                  f"declare each of {', '.join(_DECLARED)} once at most")
-        elif value not in _DECLARED[key]:
-            raise StagetoolsError(given, f"line {number}: {key} = {value!r} is none of the "
-                                  "choices", f"choose one of {', '.join(_DECLARED[key])}")
-        else:
-            declared[key] = value
-    return declared
-
-
 def _create_secret_file(path):
     import secrets
     # token_urlsafe never starts a key with '$' (django-environ#98) and has 64 symbols.
@@ -693,7 +709,7 @@ def _create_secret_file(path):
 def database_url(system, database=None):
     """The database URL of the installation, for apps that take one (Flask, Starlette);
     ``database`` defaults to the system's (the declared one)."""
-    if _valid_choice("database", database or system.database, DATABASES) == "sqlite":
+    if _database(system, database) == "sqlite":
         return f"sqlite:///{system.database_sqlite_path}"
     # Peer authentication over the local socket: a user, no password, no TCP host.
     return (f"postgresql://{system.database_user}@/{system.database_name}"
@@ -704,12 +720,20 @@ def django_database(system, database=None):
     """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
     with the installation's database and role by peer authentication (no password);
     ``database`` defaults to the system's (the declared one)."""
-    database = _valid_choice("database", database or system.database, DATABASES)
+    database = _database(system, database)
     engine = DATABASES[database]["django_engine"]
     if database == "sqlite":
         return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
     return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
             "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
+
+
+def _database(system, database):
+    """The system's database, or the one given if the repo does not declare another."""
+    if database is None or database == system.database:
+        return system.database
+    return _chosen("database", database, read_declaration(system.core_repo_dir),
+                   system.database, system.core_repo_dir, DATABASES)
 
 
 def _database_host(system):
@@ -917,8 +941,8 @@ def _private_file(what, path, user):
 
 
 def _check_private_files(expected):
-    """The secret key, the SQLite database (where it is the choice: it holds the sessions)
-    and the uploads are the user's; nginx's group may read uploads, nobody else."""
+    """The secret key, the SQLite database (wherever its file exists: it holds the
+    sessions) and the uploads are the user's; nginx's group may read uploads, nobody else."""
     facts = _private_file("secret_key_path", expected.secret_key_path, expected.user)
     if os.path.lexists(expected.database_sqlite_path):
         facts += _private_file("database_sqlite_path", expected.database_sqlite_path,
@@ -968,6 +992,9 @@ def _check_actual_system(expected):
             and _is_executable_file(expected.python_path)):
         return [_fact("actual system", resolved, False,
                       "not asked: its user, group or Python is missing")]
+    unsafe = _changeable_by_others(expected)
+    if unsafe:  # root would run, as the user, what another user put there
+        return [_fact("actual system", resolved, False, f"not asked: {unsafe}")]
     paths = [str(expected.static_dir), str(expected.media_dir), str(expected.run_dir)]
     answer = _probe_actual_system(expected, paths)
     wanted = expected.as_dict()
@@ -976,9 +1003,27 @@ def _check_actual_system(expected):
               for key, value in answer["system"].items() if key != "name_source"]
     writable = "a directory writable by the user"
     facts += [_fact(path, writable, os.path.isdir(path) and answer["writable"][path],
-                    "missing" if not os.path.exists(path) else "not writable by the user")
+                    _MISSING if not os.path.exists(path) else "not writable by the user")
               for path in paths]
     return facts
+
+
+def _changeable_by_others(expected):
+    """Why another user than the installation's (or root) could change the Python that
+    check runs, or None: the base dir, bin/ and the Python that bin/python leads to."""
+    import pwd
+    uid = pwd.getpwnam(expected.user).pw_uid
+    for path, follow in ((expected.base_dir, False), (expected.bin_dir, False),
+                         (expected.python_path, True)):
+        try:
+            info = os.stat(path) if follow else os.lstat(path)
+        except OSError as error:
+            return f"{path}: {error.strerror}"
+        if info.st_uid not in (0, uid) or info.st_mode & 0o022:
+            return (f"{os.path.realpath(path) if follow else path} belongs to "
+                    f"{_user_name(info.st_uid)!r} with mode {info.st_mode & 0o777:o}: "
+                    "others could change what check would run")
+    return None
 
 
 _CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_private_files,
@@ -1026,7 +1071,7 @@ def _probe_actual_system(expected, paths):
     if problem is None:
         try:
             answer = json.loads(stdout.decode("utf-8"))
-        except ValueError:  # also UnicodeDecodeError
+        except (ValueError, RecursionError):  # also UnicodeDecodeError; nested too deep
             answer = None
         if not _is_probe_answer(answer, expected, paths):
             problem = f"printed something else than its system: {stdout[:80]!r}"
@@ -1198,7 +1243,8 @@ def _run(command, what):
 def _cmd_new(args):
     import shlex
     from pathlib import Path
-    directory = Path(args.directory).absolute()
+    # Resolved once, then only this path: a link in the given one could be re-pointed.
+    directory = Path(os.path.realpath(args.directory))
     system = get_expected_system_from_name(directory.name, base_dir=directory,
                                            core_repo=args.core_repo, core_app=args.core_app,
                                            framework=args.framework, server=args.server,
@@ -1217,8 +1263,11 @@ def _cmd_new(args):
     umask = os.umask(0o077)
     try:
         _build_new_installation(system, starter, args.python)
-    except BaseException:  # leave nothing half-written: the directory as it was
-        _empty(directory, remove=created)
+    except BaseException as error:  # leave nothing half-written: the directory as it was
+        _undo_new(directory, created)
+        if isinstance(error, OSError):
+            raise StagetoolsError(f"new {system.name}", f"{error.strerror}: "
+                                  f"'{error.filename}'", "fix that, then run new again") from None
         raise
     finally:
         os.umask(umask)
@@ -1249,10 +1298,10 @@ def _build_new_installation(system, starter, python):
         _run([system.python_path, "-m", system.core_app], "creating the tables")
 
 
-def _empty(directory, remove):
-    """Remove what `new` made: the directory itself, or what is in it."""
+def _undo_new(directory, created):
+    """Remove what `new` made: the directory if it made it, else what is in it."""
     import shutil
-    if remove:
+    if created:
         shutil.rmtree(directory, ignore_errors=True)
         return
     for child in directory.iterdir():
@@ -1269,9 +1318,13 @@ def _refuse_a_directory_others_could_swap(directory):
     me = os.geteuid()
     try:
         info = os.lstat(directory)
+        full = stat.S_ISDIR(info.st_mode) and any(os.scandir(directory))
     except FileNotFoundError:
         info = None
-    if info is not None and (not stat.S_ISDIR(info.st_mode) or any(os.scandir(directory))):
+    except OSError as error:
+        raise StagetoolsError(f"'{directory}'", f"cannot look at it: {error.strerror}",
+                              "choose a directory you can read") from None
+    if info is not None and (not stat.S_ISDIR(info.st_mode) or full):
         raise StagetoolsError(f"'{directory}'", "it exists and is not an empty directory",
                               "choose a new directory or remove this one")
     if info is not None and info.st_uid != me:
@@ -1281,7 +1334,12 @@ def _refuse_a_directory_others_could_swap(directory):
                               "builds there", f"remove it, or run new as {owner}")
     parent = os.path.dirname(os.path.realpath(directory))
     while True:
-        info = os.stat(parent)
+        try:
+            info = os.stat(parent)
+        except OSError as error:
+            raise StagetoolsError(f"'{parent}'", f"cannot look at it: {error.strerror}",
+                                  "new makes the installation's directory, not its "
+                                  "parents: create them first") from None
         if info.st_uid not in (0, me):
             raise StagetoolsError(f"'{parent}'", f"it belongs to {_user_name(info.st_uid)!r}, "
                                   "who could swap what new builds below it",
@@ -1312,9 +1370,13 @@ def _cmd_check(args):
     if not args.name:
         raise StagetoolsError("check", "it needs the installation's name, or --all",
                               "stagetools check shop_prod")
-    expected = get_expected_system_from_name(
-        args.name, base_dir=args.base_dir, core_repo=args.core_repo, core_app=args.core_app,
-        framework=args.framework, server=args.server, database=args.database)
+    try:
+        expected = get_expected_system_from_name(
+            args.name, base_dir=args.base_dir, core_repo=args.core_repo,
+            core_app=args.core_app, framework=args.framework, server=args.server,
+            database=args.database)
+    except _BadDeclaration as error:
+        raise _CouldNotCheck(f"could not check {args.name}", str(error)) from None
     report = _check_report(expected)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -1352,12 +1414,15 @@ def _check_all(args):
     if given:
         raise StagetoolsError(f"check --all with {given[0]}", "each installation is checked "
                               "as its repo declares it", "leave the other options out")
+    if os.geteuid() != 0:
+        raise StagetoolsError("check --all", "it runs each installation's Python as its user",
+                              "run it as root")
 
     def report(found):
         name, base_dir = found
         try:
             return _check_report(_expected_on_this_host(name, base_dir))
-        except StagetoolsError as error:
+        except (StagetoolsError, OSError) as error:
             return {"name": name, "ok": False, "checks": 0, "could_not_check": str(error),
                     "differences": []}
 
@@ -1367,18 +1432,26 @@ def _check_all(args):
     if args.json:
         print(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
                          indent=2))
-    width = max([len(r["name"]) for r in reports], default=0)
-    for r in reports if not args.json else ():
-        what = (f"could not check: {r['could_not_check']}" if r["could_not_check"] else
-                f"{len(r['differences'])} of {r['checks']} checks differ: " + ", ".join(
-                    d["what"] for d in r["differences"]) if r["differences"] else
-                f"all {r['checks']} checks hold")
-        print(f"{r['name']:<{width}}  {_printable(what)[:300]}")
-    if not reports and not args.json:
+    elif reports:
+        width = max(len(r["name"]) for r in reports)
+        for r in reports:
+            print(f"{r['name']:<{width}}  {_printable(_summary(r))[:300]}")
+    else:
         print("no installations on this host (users whose home is a virtualenv named "
               "like them)")
-    return 3 if any(r["could_not_check"] for r in reports) else \
-        1 if any(r["differences"] for r in reports) else 0
+    if any(r["could_not_check"] for r in reports):
+        return 3
+    return 1 if any(r["differences"] for r in reports) else 0
+
+
+def _summary(report):
+    """One installation's check in a few words."""
+    if report["could_not_check"]:
+        return f"could not check: {report['could_not_check']}"
+    if report["differences"]:
+        return (f"{len(report['differences'])} of {report['checks']} checks differ: "
+                + ", ".join(difference["what"] for difference in report["differences"]))
+    return f"all {report['checks']} checks hold"
 
 
 def _installations_on_this_host():
@@ -1417,8 +1490,10 @@ def _expected_on_this_host(name, base_dir):
 def main(argv=None):
     """The command line: returns the exit code (0 fine, 1 a difference, 2 bad input,
     3 an installation that could not be checked)."""
+    command = None
     try:
         args = _parser().parse_args(argv)
+        command = args.command
         if args.command in ("new", "check") and os.name != "posix":
             raise StagetoolsError(args.command, "it works on Linux installations (users, venvs "
                                   "with bin/, systemd)", "run it on the server")
@@ -1433,6 +1508,9 @@ def main(argv=None):
     except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:  # what no step foresaw: still one line, never a traceback
+        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
+        return 3 if command == "check" else 2
 
 
 # ---------------------------------------------------------------- templates
@@ -1541,6 +1619,9 @@ server {
     }
     location /$media_url {
         alias $media_dir/;
+        # Uploads come from users: never a page of this site that runs script.
+        add_header X-Content-Type-Options nosniff;
+        add_header Content-Security-Policy "default-src 'none'; sandbox";
     }
     location / {
         proxy_set_header Host $$host;

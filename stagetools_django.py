@@ -6,7 +6,7 @@ lazily, so ``import stagetools_django`` stays cheap until a setting is read.
 - settings: in ``stagetools_project/settings.py``::
 
       from stagetools_django import settings_defaults
-      globals().update(settings_defaults())   # SQLite; settings_defaults("postgresql")
+      globals().update(settings_defaults())   # the database stagetools.ini declares
 
 - entry points (each imports ``aaa_env_setup`` first)::
 
@@ -137,7 +137,8 @@ def settings_defaults(database=None, system=None):
         "STATIC_ROOT": system.static_dir,
         "MEDIA_URL": system.media_url,
         "MEDIA_ROOT": system.media_dir,
-        # nginx serves uploads: readable by it whatever the service's UMask=0027.
+        # nginx serves uploads: readable by it whatever the service's UMask=0077 (only its
+        # group www-data may enter media/).
         "FILE_UPLOAD_PERMISSIONS": 0o644,
         "FILE_UPLOAD_DIRECTORY_PERMISSIONS": 0o755,
         # Installations that share a domain must not read each other's cookies or cache.
@@ -188,9 +189,8 @@ def check_settings(app_configs=None, **kwargs):
             hint="do not copy settings between installations; let stagetools fill them in",
             id="stagetools.W002"))
     database = settings.DATABASES.get("default", {})
-    expected = {entry["ENGINE"]: entry["NAME"] for entry in
-                (stagetools.django_database(system, choice) for choice in stagetools.DATABASES)}
-    wanted = expected.get(database.get("ENGINE"))
+    expected = stagetools.django_database(system)  # the database the repo declares
+    wanted = expected["NAME"] if database.get("ENGINE") == expected["ENGINE"] else None
     if wanted is not None and str(database.get("NAME")) != wanted:
         problems.append(Warning(
             f"the default database is {database.get('NAME')!r}, not the installation's "
@@ -396,8 +396,9 @@ def _adopt_settings(module, source, database):
         elif name not in _ADOPT_DERIVED_SETTINGS:
             continue
         if name == "DATABASES" and "sqlite3" not in value:
-            notes.append("settings.py had a DATABASES other than SQLite: for PostgreSQL use "
-                         'settings_defaults("postgresql") (peer authentication, see the README)')
+            notes.append("settings.py had a DATABASES other than SQLite: for PostgreSQL "
+                         "declare database = postgresql in stagetools.ini (peer "
+                         "authentication, see the README)")
         removed.append(name)
         while first > 0 and lines[first - 1].lstrip().startswith("#"):
             first -= 1  # the comment that explained the removed setting goes with it
@@ -452,8 +453,11 @@ def _adopt_requirements(directory, database):
         return re.split(r"[\s<>=!~;\[]", requirement)[0].lower()
 
     path = directory / "requirements.txt"
-    lines = [line.split("#")[0].strip() for line in path.read_text(
-        encoding="utf-8", errors="replace").splitlines()] if path.is_file() else []
+    # pip's format: a trailing \ continues a line, # starts a comment at a line's start or
+    # after a space (not in a URL), options start with - (alone, or after a requirement).
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    lines = [re.split(r"(?:^|\s)#|\s--?[A-Za-z]", line)[0].strip()
+             for line in text.replace("\\\n", " ").splitlines()]
     own = [line for line in lines if line and not line.startswith("-")]
     names = {name(requirement) for requirement in own}
     return own + [requirement for requirement in
@@ -463,13 +467,19 @@ def _adopt_requirements(directory, database):
 
 
 def _adopt_write(path, text):
-    """Write a file whole or not at all: a temporary file renamed into place."""
-    temporary = path.with_name(f".{path.name}.adopt-{os.getpid()}")
+    """Write a file whole or not at all, keeping its mode (manage.py stays executable): a
+    new temporary file (never one planted there) renamed into place."""
+    import stat
+    import tempfile
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        os.unlink(temporary)
         raise
 
 
@@ -544,11 +554,10 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
     local_apps = [app.split(".")[0] for app in apps
                   if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
     core_app = core_app or (local_apps[0] if local_apps else core_repo)
-    # The DEV installation it asks the user to make in their home (see the steps it prints).
-    name = f"{core_repo.lower()}_dev"
+    # The DEV installation of the project; it declares nothing yet (adopt writes that).
     system = stagetools.get_expected_system_from_name(
-        name, base_dir=Path.home() / name, core_repo=core_repo, core_app=core_app,
-        database=database)
+        f"{core_repo.lower()}_dev", core_repo=core_repo, core_app=core_app, database=database,
+        declared={})
     if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
         _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
                       "run adopt as the user who owns the project")

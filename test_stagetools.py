@@ -461,7 +461,7 @@ BAD_DECLARATIONS = {
     "[stagetools]\nworkers = 4\n": "line 2: 'workers' is no choice",
     "[other]\nframework = flask\n": "line 1: the section [other] is not one of stagetools",
     "[stagetools]\nserver = gunicorn\nserver = uvicorn\n": "line 3: 'server' is declared twice",
-    "[stagetools]\nframework = flask\nserver = uvicorn\n": "invalid server for flask 'uvicorn'",
+    "[stagetools]\nframework = flask\nserver = uvicorn\n": "server = uvicorn is not a server for flask",
 }
 
 
@@ -641,6 +641,10 @@ def test_actual__environment_contradicting_the_virtualenv__refused(tmp_path):
             f"'{venv}' of the installation 'shop_prod'") in result.stderr
     agreeing = show_json(python=python, env=clean_env(STAGETOOLS_NAME="shop_prod"))
     assert (agreeing["name"], agreeing["is_debug"]) == ("shop_prod", False)
+    result = cli("show", "shop_dev", python=python)  # the same, as an argument
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert (f"the name 'shop_dev': it contradicts the virtualenv '{venv}' of the installation "
+            "'shop_prod'; give 'shop_prod' or no name") in result.stderr
 
 
 def test_actual__nothing_fits__every_source_listed(tmp_path):
@@ -928,6 +932,9 @@ def test_new__refuses_a_bad_name_and_a_full_directory_and_cleans_up(tmp_path):
     result = cli("new", a_file)
     assert result.returncode == 2 and "is not an empty directory" in result.stderr
     assert "Traceback" not in result.stderr and a_file.read_text() == "mine"
+    result = cli("new", tmp_path / "nowhere" / "shop_int")  # new makes no parents
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"'{tmp_path / 'nowhere'}': cannot look at it: No such file" in result.stderr
     result = cli("new", tmp_path / "shop_int", "--python", "/nonexistent/python3")
     assert result.returncode == 2 and "creating the virtualenv failed" in result.stderr
     assert not (tmp_path / "shop_int").exists()
@@ -1391,8 +1398,8 @@ def test_check__each_fault_by_name(three_installations):
                           lambda: (base / "media.away").rename(base / "media")),
         "secret_key_path mode": (lambda: (base / "secret_key").chmod(0o644),
                                  lambda: (base / "secret_key").chmod(0o600)),
-        "actual name": (lambda: (python.unlink(), python.write_text(wrapper), python.chmod(0o755)),
-                        lambda: (python.unlink(), python.symlink_to(python_target))),
+        # Root would run, as shop_qual, a Python that others may have replaced: not asked.
+        "actual system": (lambda: base.chmod(0o777), lambda: base.chmod(0o711)),
         # Others could read the sessions in the database, the uploads, the key.
         "database_sqlite_path mode": (lambda: database.chmod(0o644),
                                       lambda: database.chmod(0o600)),
@@ -1416,6 +1423,12 @@ def test_check__each_fault_by_name(three_installations):
             assert returncode == 1 and what in differences, (what, differences)
             assert listing(name) == before, what
         assert check(name) == (0, {}), f"not repaired: {what}"
+    # A Python that names another installation than its virtualenv is refused there.
+    with fault(lambda: (python.unlink(), python.write_text(wrapper), python.chmod(0o755)),
+               lambda: (python.unlink(), python.symlink_to(python_target))):
+        result = cli("check", name)
+        assert result.returncode == 3 and "STAGETOOLS_NAME='shop_dev': it contradicts" in \
+            result.stderr, result.stderr
     with fault(lambda: (base / "secret_key").chmod(0o400),  # stricter is fine, as for
                lambda: (base / "secret_key").chmod(0o600)):  # read_secret_key
         assert check(name) == (0, {})
@@ -1453,12 +1466,13 @@ def hostile_answers():
             for system in (wrong_type, missing, extra, bad_service)] + [
         json.dumps({"system": real, "writable": {}}).encode(),
         json.dumps({"system": real, "writable": dict.fromkeys(writable, "yes")}).encode(),
-        b'{"system": {}, "writable": {}}', b"\xff\xfe{}", b"[1, 2]", b"null", b""]
+        b'{"system": {}, "writable": {}}', b"\xff\xfe{}", b"[1, 2]", b"null", b"",
+        b"[" * 200_000]  # nested deeper than json may go
 
 
 @needs_deploy_tools
 @settings(max_examples=25, deadline=None)
-@given(printed=st.one_of(st.binary(max_size=300), st.sampled_from(range(11))))
+@given(printed=st.one_of(st.binary(max_size=300), st.sampled_from(range(12))))
 def test_check__whatever_the_installation_prints__exit_1_or_3_one_line(three_installations,
                                                                       printed):
     if isinstance(printed, int):
@@ -1569,6 +1583,17 @@ http {{
                                              host)
             assert status == 200 and headers["Server"].startswith("nginx")
             assert "X-Frame-Options" not in headers, "static file came from Django, not nginx"
+            # An upload as Django writes it (0644 in media/, which tmpfiles made 2750
+            # NAME:www-data): nginx serves it, as a sandbox that runs no script.
+            upload = Path(expected["media_dir"]) / "page.html"
+            run(["runuser", "-u", name, "--", "sh", "-c", "umask 077 && printf '<script>x()"
+                 "</script>' > \"$0\" && chmod 644 \"$0\"", upload], cwd="/")
+            status, headers, body = http_get(("127.0.0.1", port), "/media/page.html", host)
+            assert status == 200 and "sandbox" in headers["Content-Security-Policy"], headers
+            assert headers["X-Content-Type-Options"] == "nosniff"
+            nobody = run(["runuser", "-u", "nobody", "--", "cat", upload], check=False, cwd="/")
+            assert nobody.returncode != 0 and "Permission denied" in nobody.stderr
+            upload.unlink()
         # Only root and the web server's group may connect to an installation's socket.
         nobody = run(["runuser", "-u", "nobody", "--", SYSTEM_PYTHON, "-c",
                       "import socket; s = socket.socket(socket.AF_UNIX); "
@@ -2090,8 +2115,10 @@ def test_adopt__own_requirements_hosts_and_old_names_kept_or_listed(tmp_path):
     settings_py.write_text(settings_py.read_text().replace(
         "ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['shop.example.com']"))
     (project / "jobs.py").write_text("from shop import urls\nHOST = 'shop.example.com'\n")
+    manage_mode = (project / "manage.py").stat().st_mode
     result = cli("adopt", project, "--database", "postgresql")
     assert result.returncode == 0, result.stderr
+    assert (project / "manage.py").stat().st_mode == manage_mode  # still executable
     setup_py = (project / "setup.py").read_text()
     assert ('install_requires=["requests>=2", "Django==5.2", "gunicorn", "uvicorn", '
             '"hypercorn", "psycopg[binary]"]') in setup_py
