@@ -226,12 +226,13 @@ def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
     return _valid_choice(label or kind, given or declared.get(kind) or default, choices)
 
 
-def read_declaration(repo_dir):
-    """The choices a repo declares in its ``stagetools.ini``: ``{key: value}``, empty
-    without one. A strict subset of INI (configparser reads it too): one ``[stagetools]``
-    section of ``key = value`` lines, ``#`` or ``;`` comments. Parsed here, because every
-    process start reads it and configparser's import alone costs more than resolving."""
-    path = os.path.join(repo_dir, DECLARATION_FILE)
+def read_declaration(repo_dir, path=None):
+    """The choices a repo declares in its ``stagetools.ini`` (or the file at ``path``):
+    ``{key: value}``, empty without one. A strict subset of INI (configparser reads it
+    too): one ``[stagetools]`` section of ``key = value`` lines, ``#`` or ``;`` comments.
+    Parsed here, because every process start reads it and configparser's import alone
+    costs more than resolving."""
+    path = path or os.path.join(repo_dir, DECLARATION_FILE)
     if not os.path.lexists(path):  # cheaper than the exception below, at every start
         return {}
     given = f"the declaration '{path}'"
@@ -1165,6 +1166,9 @@ _OPTIONS = {
     "--server": dict(choices=SERVERS, help="default: the framework's first (gunicorn; "
                      "uvicorn for starlette)"),
     "--database": dict(choices=DATABASES, help="default: sqlite"),
+    "--declaration": dict(metavar="FILE", help="the stagetools.ini to take the choices from, "
+                          "instead of the repo's in src/ (a deploy tool's copy of the version "
+                          "it deploys)"),
     "--python": dict(default=sys.executable, help="the Python of the venv; its user must be "
                      "able to run it (default: this one)"),
     "--json": dict(action="store_true", help="one JSON object, for machines"),
@@ -1193,7 +1197,7 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     system = ("--core-repo", "--core-app", "--framework", "--server", "--database", "--json")
     command("show", "the actual system, or the expected one", "name", "--expected", "--base-dir",
-            *system)
+            "--declaration", *system)
     command("new", "create an installation to start with: a venv named like the installation, "
             "a starter repo (with its declaration), its database", "--framework", "--server",
             "--database", "--core-repo", "--core-app", "--python",
@@ -1204,7 +1208,7 @@ def _parser():
             positional=("directory", dict(help="the project's top directory, with manage.py")))
     command("check", "compare an installation on disk with its expected system; exit 1 on "
             "any difference, 3 if it could not be checked", "name", "--all", "--base-dir",
-            *system)
+            "--declaration", *system)
     return parser
 
 
@@ -1213,14 +1217,26 @@ def _cmd_show(args):
     options = dict(core_repo=args.core_repo, core_app=args.core_app,
                    framework=args.framework, server=args.server, database=args.database)
     if args.expected:
-        system = get_expected_system_from_name(args.name, base_dir=args.base_dir, **options)
-    elif args.base_dir:
-        raise StagetoolsError("--base-dir", "it needs --expected: the actual base dir is where "
-                              "the running virtualenv is", "add --expected or leave it out")
+        system = get_expected_system_from_name(args.name, base_dir=args.base_dir,
+                                               declared=_declared_in(args), **options)
+    elif args.base_dir or args.declaration:
+        raise StagetoolsError("--base-dir" if args.base_dir else "--declaration", "it needs "
+                              "--expected: the actual system is what this process runs in",
+                              "add --expected or leave it out")
     else:
         system = get_actual_system_from_name(args.name, **options)
     print(json.dumps(system.as_dict(), indent=2) if args.json else _show_table(system))
     return 0
+
+
+def _declared_in(args):
+    """The choices of --declaration FILE, or None: the repo's own."""
+    if not args.declaration:
+        return None
+    if not os.path.lexists(args.declaration):
+        raise StagetoolsError(f"--declaration '{args.declaration}'", "there is no such file",
+                              "give the stagetools.ini of the version to deploy")
+    return read_declaration(None, args.declaration)
 
 
 def _run(command, what):
@@ -1374,7 +1390,7 @@ def _cmd_check(args):
         expected = get_expected_system_from_name(
             args.name, base_dir=args.base_dir, core_repo=args.core_repo,
             core_app=args.core_app, framework=args.framework, server=args.server,
-            database=args.database)
+            database=args.database, declared=_declared_in(args))
     except _BadDeclaration as error:
         raise _CouldNotCheck(f"could not check {args.name}", str(error)) from None
     report = _check_report(expected)
@@ -1410,7 +1426,8 @@ def _check_all(args):
     import json
     from concurrent.futures import ThreadPoolExecutor
     given = [option for option in ("name", "base_dir", "core_repo", "core_app", "framework",
-                                   "server", "database") if getattr(args, option)]
+                                   "server", "database", "declaration")
+             if getattr(args, option)]
     if given:
         raise StagetoolsError(f"check --all with {given[0]}", "each installation is checked "
                               "as its repo declares it", "leave the other options out")

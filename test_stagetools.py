@@ -494,6 +494,12 @@ def test_declaration__read_by_show_and_by_the_installation_flags_cannot_contradi
         result = cli("show", "shop_prod", "--expected", "--base-dir", venv)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, text
         assert rule in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # A deploy tool's copy of the version it deploys wins over the repo on disk.
+    (tmp_path / "next.ini").write_text("[stagetools]\nframework = flask\n")
+    assert show_json("shop_prod", "--expected", "--base-dir", venv, "--declaration",
+                     tmp_path / "next.ini")["framework"] == "flask"
+    result = cli("show", "shop_prod", "--expected", "--declaration", tmp_path / "none.ini")
+    assert result.returncode == 2 and "there is no such file" in result.stderr
     declaration.unlink()
     (tmp_path / "elsewhere.ini").write_text("[stagetools]\nframework = flask\n")
     declaration.symlink_to(tmp_path / "elsewhere.ini")
