@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import http.client
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -158,16 +160,22 @@ INSTALLATIONS = {
 }
 
 
-@pytest.fixture(scope="session")
-def inventory(workdir, hosts, repos):
+def write_host_vars(workdir, repos, versions=None):
+    """host_vars/<host>.json: each host's installations, at `versions[name]` or main."""
     host_vars = os.path.join(workdir, "host_vars")
     os.makedirs(host_vars, exist_ok=True)
     for host, installations in INSTALLATIONS.items():
-        listed = [dict(i, repo=repos[i["repo"]], version="main") for i in installations]
+        listed = [dict(i, repo=repos[i["repo"]], version=(versions or {}).get(i["name"], "main"))
+                  for i in installations]
         with open(os.path.join(host_vars, host + ".json"), "w") as f:
             json.dump({"stagetools_installations": listed,
                        "stagetools_pip_env": {"PIP_NO_INDEX": "1",
                                               "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
+
+
+@pytest.fixture(scope="session")
+def inventory(workdir, hosts, repos):
+    write_host_vars(workdir, repos)
     return hosts.inventory(os.path.join(workdir, "inventory.ini"))
 
 
@@ -248,8 +256,192 @@ def test_private_files(deployed, hosts):
                                              "600 feed_qual"], result.stdout
 
 
-def test_zz_times(deployed):
-    """Not a check: prints what was measured (pytest -s, or in the CI log with -rA)."""
-    print()
-    for label, seconds in TIMES.items():
-        print("TIME %-45s %6.1f s" % (label, seconds))
+def check_json(host, name, framework, server, repo):
+    result = host.run("/usr/bin/python3 -I /home/%s/src/%s/stagetools.py check %s --json "
+                      "--framework %s --server %s" % (name, repo, name, framework, server),
+                      check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_check_mode_reports_nothing_to_change(deployed, workdir, collections, inventory):
+    rc, output, recap = playbook(workdir, collections, inventory, "--check", "--diff")
+    assert rc == 0, output[-6000:]
+    for host, stats in recap.items():
+        assert stats["changed"] == 0, (host, stats, re.findall(r"^changed: .*$", output, re.M))
+
+
+# -- upgrades of shop_prod: new commits on branches of the shop repo
+
+MIGRATION_0002 = """from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    dependencies = [("shop", "0001_initial")]
+    operations = [
+        migrations.CreateModel(name="Tag", fields=[
+            ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False,
+                                       verbose_name="ID")),
+            ("name", models.CharField(max_length=50)),
+        ]),
+    ]
+"""
+
+MIGRATION_0003_FAILS = """from django.db import migrations
+
+
+def fail(apps, schema_editor):
+    raise RuntimeError("this migration fails on purpose")
+
+
+class Migration(migrations.Migration):
+    dependencies = [("shop", "0002_tag")]
+    operations = [migrations.RunPython(fail)]
+"""
+
+
+def commit_on_branch(repo, branch, base, files, message):
+    git(repo, "checkout", "--quiet", "-b", branch, base)
+    for path, text in files.items():
+        with open(os.path.join(repo, path), "a" if path.endswith("models.py") else "w") as f:
+            f.write(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "--quiet", "-m", message)
+    commit = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "--quiet", "main")
+    return commit
+
+
+@pytest.fixture(scope="session")
+def versions(repos):
+    shop = repos["shop"]
+    v2 = commit_on_branch(shop, "v2", "main", {
+        "shop/models.py": "\n\nclass Tag(models.Model):\n    name = models.CharField(max_length=50)\n",
+        "shop/migrations/0002_tag.py": MIGRATION_0002}, "Tags, with their migration")
+    bad_migration = commit_on_branch(shop, "bad-migration", "v2", {
+        "shop/migrations/0003_fails.py": MIGRATION_0003_FAILS}, "A migration that fails")
+    bad_health = commit_on_branch(shop, "bad-health", "v2", {
+        "shop/views.py": open(os.path.join(shop, "shop", "views.py")).read()
+        + "\n\ndef home(request):  # broken on purpose\n    raise RuntimeError('broken')\n"},
+        "A home page that fails")
+    return {"v2": v2, "bad-migration": bad_migration, "bad-health": bad_health}
+
+
+class Load:
+    """N clients asking one installation through nginx, counting failed requests."""
+
+    def __init__(self, address, host_header, path="/notes/", clients=8):
+        self.address, self.host_header, self.path, self.clients = (
+            address, host_header, path, clients)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.requests = self.failed = 0
+        self.longest = 0.0
+        self.errors = []
+
+    def client(self):
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                connection = http.client.HTTPConnection(self.address, 80, timeout=30)
+                connection.request("GET", self.path, headers={"Host": self.host_header})
+                response = connection.getresponse()
+                response.read()
+                connection.close()
+                ok, error = response.status == 200, "status %d" % response.status
+            except OSError as exc:
+                ok, error = False, repr(exc)
+            with self.lock:
+                self.requests += 1
+                self.longest = max(self.longest, time.monotonic() - started)
+                if not ok:
+                    self.failed += 1
+                    self.errors.append(error)
+
+    def __enter__(self):
+        self.threads = [threading.Thread(target=self.client, daemon=True)
+                        for _ in range(self.clients)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def deployed_commit(host, name, repo):
+    return host.run("git -c safe.directory='*' -C /home/%s/src/%s rev-parse HEAD"
+                    % (name, repo)).stdout.strip()
+
+
+def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, versions, hosts):
+    host1 = hosts.hosts[0]
+    write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    with Load(host1.address, "shop-prod.localhost") as load:
+        time.sleep(1)
+        with timed("upgrade of shop_prod under load (8 clients)"):
+            rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
+        time.sleep(1)
+    TIMES["upgrade: requests / failed / longest (s)"] = "%d / %d / %.2f" % (
+        load.requests, load.failed, load.longest)
+    assert rc == 0, output[-6000:]
+    assert load.requests > 50, load.requests
+    assert load.failed == 0, (load.failed, load.requests, load.errors[:5])
+    assert deployed_commit(host1, "shop_prod", "shop") == versions["v2"]
+    tables = host1.run("runuser -u postgres -- psql -XtAc \"select count(*) from pg_tables "
+                       "where tablename = 'shop_tag'\" shop_prod").stdout.strip()
+    assert tables == "1"
+    backups = host1.run("stat -c '%a %U %n' /home/shop_prod/backups /home/shop_prod/backups/*")
+    lines = backups.stdout.splitlines()
+    assert lines[0].startswith("700 shop_prod ") and len(lines) == 2, lines
+    assert lines[1].startswith("600 shop_prod ") and lines[1].endswith(".pgdump"), lines
+    assert check_json(host1, "shop_prod", "django", "gunicorn", "shop")[0] == 0
+
+
+@pytest.mark.parametrize("branch, step", [("bad-migration", "migrate"),
+                                          ("bad-health", "health gate")])
+def test_failed_upgrade_rolls_back(branch, step, deployed, workdir, collections, inventory,
+                                   repos, versions, hosts):
+    host1 = hosts.hosts[0]
+    write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
+    assert rc == 0, output[-6000:]  # v2 serves (after test_upgrade_under_load, or now)
+    write_host_vars(workdir, repos, {"shop_prod": branch})
+    with timed("failed upgrade (%s) with rollback" % branch):
+        rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
+    write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    assert rc != 0
+    assert re.search(r"shop_prod: deploying %s \(\w+\)\s+failed at step 'shop_prod: %s"
+                     % (branch, step), output), output[-6000:]
+    assert "rolled back to %s" % versions["v2"][:12] in output
+    assert deployed_commit(host1, "shop_prod", "shop") == versions["v2"]
+    answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
+                 "-H", "Host: shop-prod.localhost", "http://%s/" % host1.address])
+    assert json.loads(answer.stdout)["name"] == "shop_prod"
+    assert check_json(host1, "shop_prod", "django", "gunicorn", "shop")[0] == 0
+    migrations = host1.run("runuser -u postgres -- psql -XtAc \"select name from "
+                           "django_migrations where app = 'shop' order by name\" shop_prod")
+    assert migrations.stdout.split() == ["0001_initial", "0002_tag"]
+
+
+def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, hosts):
+    """A unit edited, the key file made readable, the socket disabled: one run repairs all."""
+    host2 = hosts.hosts[1]
+    write_host_vars(workdir, repos)
+    host2.run("sed -i 's/^Restart=on-failure/Restart=no/' /etc/systemd/system/shop_dev.service"
+              " && chmod 644 /home/shop_dev/secret_key"
+              " && systemctl disable --now feed_qual.socket feed_qual.service"
+              " && systemctl daemon-reload")
+    assert check_json(host2, "shop_dev", "django", "uvicorn", "shop")[0] == 1
+    rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host2")
+    assert rc == 0, output[-6000:]
+    assert recap["host2"]["changed"] > 0
+    assert check_json(host2, "shop_dev", "django", "uvicorn", "shop")[0] == 0
+    assert check_json(host2, "feed_qual", "starlette", "hypercorn", "feed")[0] == 0
+    assert host2.run("systemctl is-enabled feed_qual.socket").stdout.strip() == "enabled"
+    for name in ("shop_dev", "feed_qual"):
+        answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
+                     "-H", "Host: %s.localhost" % name.replace("_", "-"),
+                     "http://%s/" % host2.address])
+        assert json.loads(answer.stdout)["name"] == name

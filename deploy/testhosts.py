@@ -253,19 +253,32 @@ class TestHosts:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
+    @staticmethod
+    def _container_init(nspawn_pid):
+        """The container's systemd: the child of systemd-nspawn that has exec'ed systemd.
+
+        nspawn forks helpers first (still named systemd-nspawn); taking one of them would
+        point nsenter at a process that is about to go.
+        """
+        try:
+            with open("/proc/%d/task/%d/children" % (nspawn_pid, nspawn_pid)) as f:
+                children = f.read().split()
+            for child in children:
+                with open("/proc/%s/comm" % child) as f:
+                    if f.read().strip() == "systemd":
+                        return int(child)
+        except FileNotFoundError:
+            pass
+        return None
+
     def _wait_booted(self, host, deadline):
         while host.leader is None:
             if host.process.poll() is not None:
                 raise RuntimeError("%s: systemd-nspawn exited with %s; see %s/nspawn.log"
                                    % (host.name, host.process.returncode, self.workdir))
-            try:
-                with open("/proc/%d/task/%d/children" % ((host.process.pid,) * 2)) as f:
-                    children = f.read().split()
-                if children:
-                    host.leader = int(children[0])
-                    break
-            except FileNotFoundError:
-                pass
+            host.leader = self._container_init(host.process.pid)
+            if host.leader:
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError("%s: no container init after %d s" % (host.name, BOOT_TIMEOUT))
             time.sleep(0.1)
@@ -315,7 +328,13 @@ class TestHosts:
             self._start(host, os.path.join(self.workdir, host.name, "nspawn.log"))
         deadline = time.monotonic() + BOOT_TIMEOUT
         for host in self.hosts:
-            self._wait_booted(host, deadline)
+            try:
+                self._wait_booted(host, deadline)
+            except (RuntimeError, TimeoutError) as error:
+                # The container's console says why; the files go with the cleanup.
+                with open(os.path.join(self.workdir, host.name, "nspawn.log"), errors="replace") as f:
+                    console = f.read()[-3000:]
+                raise RuntimeError("%s\n--- console of %s:\n%s" % (error, host.name, console)) from None
         return self.hosts
 
     def _remove_workdir(self):
