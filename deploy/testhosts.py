@@ -33,7 +33,7 @@ PACKAGES = sorted([
     "nginx-light", "postgresql", "curl", "iproute2", "sudo", "procps", "git", "acl",
 ])
 # Bump when the customize steps below change: part of the cache key too.
-IMAGE_RECIPE = "2"
+IMAGE_RECIPE = "3"
 CACHE_DIR = os.environ.get("STAGETOOLS_TESTHOSTS_CACHE", "/var/cache/stagetools-testhosts")
 # Our own addresses: a /30 per host out of this range, machine end .1, host end .2.
 NETWORK = ipaddress.ip_network("10.213.0.0/16")
@@ -61,6 +61,10 @@ def build_image(log=print):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(path, "complete")):
             return root
+        # Images of other package lists are out of date: only the current one is kept.
+        for entry in os.listdir(CACHE_DIR):
+            if len(entry) == 16 and entry != image_key() and all(c in "0123456789abcdef" for c in entry):
+                shutil.rmtree(os.path.join(CACHE_DIR, entry), ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
         started = time.monotonic()
@@ -68,8 +72,10 @@ def build_image(log=print):
         hooks = [
             # sshd host keys are made per host at boot of each copy, not shared.
             'rm -f "$1"/etc/ssh/ssh_host_*',
-            # A container has no console getty to wait for.
-            'chroot "$1" systemctl mask getty@tty1.service console-getty.service',
+            # A container has no console getty to wait for, and nspawn mounts the root itself:
+            # remounting it failed now and then, leaving the host "degraded".
+            'chroot "$1" systemctl mask getty@tty1.service console-getty.service'
+            ' systemd-remount-fs.service',
             'mkdir -p "$1"/root/.ssh && chmod 700 "$1"/root/.ssh',
         ]
         args = ["mmdebstrap", "--mode=root", "--variant=minbase",
