@@ -25,7 +25,9 @@ import testhosts  # noqa: E402
 
 # What the hosts' pip may install: downloaded once on the machine (the hosts have no network).
 WHEELS = ["Django", "gunicorn", "uvicorn", "hypercorn", "Flask", "starlette", "itsdangerous",
-          "psycopg[binary]", "setuptools", "wheel"]
+          "psycopg[binary]", "setuptools", "wheel",
+          # for test_local_connection: ansible-core run on a host itself
+          "ansible-core>=2.15,<2.19"]
 TIMES = {}  # measured durations, printed at the end of the session
 
 
@@ -160,11 +162,13 @@ INSTALLATIONS = {
 }
 
 
-def write_host_vars(workdir, repos, versions=None):
-    """host_vars/<host>.json: each host's installations, at `versions[name]` or main."""
+def write_host_vars(workdir, repos, versions=None, extra=()):
+    """host_vars/<host>.json: each host's installations, at `versions[name]` or main;
+    `extra` adds installations to host1."""
     host_vars = os.path.join(workdir, "host_vars")
     os.makedirs(host_vars, exist_ok=True)
     for host, installations in INSTALLATIONS.items():
+        installations = installations + (list(extra) if host == "host1" else [])
         listed = [dict(i, repo=repos[i["repo"]], version=(versions or {}).get(i["name"], "main"))
                   for i in installations]
         with open(os.path.join(host_vars, host + ".json"), "w") as f:
@@ -179,12 +183,12 @@ def inventory(workdir, hosts, repos):
     return hosts.inventory(os.path.join(workdir, "inventory.ini"))
 
 
-def playbook(workdir, collections, inventory, *args, timeout=900):
-    """Run the collection's playbook; returns (returncode, output, recap per host)."""
+def playbook(workdir, collections, inventory, *args, timeout=900, name="deploy"):
+    """Run one of the collection's playbooks; returns (returncode, output, recap per host)."""
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections, ANSIBLE_PIPELINING="1",
                ANSIBLE_FORKS="10", ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_NOCOLOR="1",
                ANSIBLE_RETRY_FILES_ENABLED="0")
-    result = subprocess.run(["ansible-playbook", "-i", inventory, "stagetools.deploy.deploy"]
+    result = subprocess.run(["ansible-playbook", "-i", inventory, "stagetools.deploy." + name]
                             + list(args), capture_output=True, text=True, env=env,
                             timeout=timeout, cwd=workdir)
     output = result.stdout + result.stderr
@@ -445,3 +449,66 @@ def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, h
                      "-H", "Host: %s.localhost" % name.replace("_", "-"),
                      "http://%s/" % host2.address])
         assert json.loads(answer.stdout)["name"] == name
+
+
+def test_local_connection(deployed, hosts, repos, collections, wheelhouse):
+    """The same playbook, run on a host by itself with ansible_connection=local."""
+    host2 = hosts.hosts[1]
+    shutil.copytree(os.path.join(collections, "ansible_collections"),
+                    os.path.join(host2.root, "opt/collections/ansible_collections"))
+    shutil.copytree(repos["blog"], os.path.join(host2.root, "srv/git/blog"))
+    with open(os.path.join(host2.root, "srv/installations.json"), "w") as f:
+        json.dump({"stagetools_installations": [
+            {"name": "blog_dev", "repo": "/srv/git/blog", "version": "main",
+             "framework": "flask", "server": "gunicorn"}],
+            "stagetools_pip_env": {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
+    host2.run("python3 -m venv /opt/ansible && /opt/ansible/bin/pip install --quiet --no-index"
+              " --find-links /opt/wheelhouse 'ansible-core>=2.15,<2.19'", timeout=300)
+    command = ("cd /srv && ANSIBLE_COLLECTIONS_PATH=/opt/collections ANSIBLE_NOCOLOR=1 "
+               "/opt/ansible/bin/ansible-playbook -i localhost, -c local "
+               "-e @/srv/installations.json stagetools.deploy.deploy")
+    with timed("local connection: first deploy of blog_dev"):
+        first = host2.run(command, timeout=600, check=False)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    second = host2.run(command, timeout=600, check=False)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
+    assert re.search(r"^localhost\s+: ok=\d+\s+changed=0 ", second.stdout, re.M), second.stdout[-3000:]
+    answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
+                 "-H", "Host: blog-dev.localhost", "http://%s/" % host2.address])
+    assert json.loads(answer.stdout)["name"] == "blog_dev"
+
+
+# 18 more Flask installations beside shop_prod and blog_prod: a host with 20.
+MANY = [{"name": "blog_%s%d" % (stage, number), "repo": "blog", "framework": "flask",
+         "server": "gunicorn"} for stage in "dqi" for number in range(1, 7)]
+
+
+def test_audit_of_a_host_with_20_installations(deployed, workdir, collections, inventory,
+                                               repos, versions, hosts):
+    host1 = hosts.hosts[0]
+    write_host_vars(workdir, repos, {"shop_prod": "v2"}, extra=MANY)
+    try:
+        with timed("deploy of 18 more installations"):
+            rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1",
+                                         timeout=1800)
+        assert rc == 0, output[-6000:]
+    finally:
+        write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    with timed("audit playbook, host of 20"):
+        rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1",
+                                     name="audit")
+    assert rc == 0, output[-6000:]
+    lines = re.findall(r'"(\S+)\s+ok\s+(\d+) checks', output)
+    assert {name for name, _ in lines} >= {"shop_prod", "blog_prod"} | {m["name"] for m in MANY}
+    assert len(lines) >= 20
+    summary = re.search(r"(\d+) installations in ([\d.]+) s", output)
+    TIMES["audit script on the host (%s installations)" % summary.group(1)] = float(summary.group(2))
+    # A fault shows as one line that names it, and the audit fails.
+    host1.run("chmod 644 /home/blog_d1/secret_key")
+    try:
+        rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1",
+                                     name="audit")
+    finally:
+        host1.run("chmod 600 /home/blog_d1/secret_key")
+    assert rc != 0
+    assert re.search(r'"blog_d1\s+DIFFERS\s+1 of \d+: secret_key_path mode', output), output[-3000:]
