@@ -92,6 +92,15 @@ def make_repo(workdir, name, framework):
     if configuration == "shop":
         with open(os.path.join(repo, "stagetools_project", "settings.py"), "w") as f:
             f.write(SHOP_SETTINGS)
+        # The shop code says it is the shop repo, so a customer configuration (acme_prod)
+        # running it resolves the same core_repo as its deployment.
+        env_setup = os.path.join(repo, "aaa_env_setup.py")
+        with open(env_setup) as f:
+            text = f.read()
+        assert "get_actual_system_from_name()" in text, text
+        with open(env_setup, "w") as f:
+            f.write(text.replace("get_actual_system_from_name()",
+                                 'get_actual_system_from_name(core_repo="shop")'))
         setup = os.path.join(repo, "setup.py")
         with open(setup) as f:
             text = f.read()
@@ -158,6 +167,9 @@ INSTALLATIONS = {
     "host2": [
         {"name": "shop_dev", "repo": "shop", "framework": "django", "server": "uvicorn"},
         {"name": "feed_qual", "repo": "feed", "framework": "starlette", "server": "hypercorn"},
+        # a customer configuration running the shop code
+        {"name": "acme_prod", "repo": "shop", "core_repo": "shop", "framework": "django",
+         "server": "gunicorn", "database": "postgresql"},
     ],
 }
 
@@ -200,7 +212,7 @@ def playbook(workdir, collections, inventory, *args, timeout=900, name="deploy")
 
 @pytest.fixture(scope="session")
 def deployed(workdir, collections, inventory):
-    with timed("first deploy (4 installations, 2 hosts)"):
+    with timed("first deploy (5 installations, 2 hosts)"):
         rc, output, recap = playbook(workdir, collections, inventory)
     assert rc == 0, output[-6000:]
     return recap
@@ -227,9 +239,10 @@ def test_check_holds_for_each(deployed, hosts):
         for installation in INSTALLATIONS[host.name]:
             name = installation["name"]
             repo_stagetools = "/home/%s/src/%s/stagetools.py" % (name, installation["repo"])
-            result = host.run("/usr/bin/python3 -I %s check %s --json --framework %s --server %s"
+            options = " --core-repo shop" if "core_repo" in installation else ""
+            result = host.run("/usr/bin/python3 -I %s check %s --json --framework %s --server %s%s"
                               % (repo_stagetools, name, installation["framework"],
-                                 installation["server"]), check=False)
+                                 installation["server"], options), check=False)
             assert result.returncode == 0, (host, name, result.stdout, result.stderr)
             assert json.loads(result.stdout)["ok"] is True
 
