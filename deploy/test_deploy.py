@@ -62,6 +62,40 @@ def sh(args, timeout=600, **kwargs):
                           **kwargs)
 
 
+# -- the harness
+
+def traces():
+    """Our namespaces, interfaces and mounts on the machine, and nspawn processes."""
+    netns = run_text(["ip", "netns", "list"])
+    links = [line for line in run_text(["ip", "-o", "link"]).splitlines() if ": stt" in line]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line for line in f if "overlay" in line and "/hosts/" in line]
+    nspawn = run_text(["pgrep", "-a", "systemd-nspawn"], check=False)
+    return netns, links, mounts, nspawn
+
+
+def run_text(args, check=True):
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=30).stdout
+
+
+def test_hosts_leave_nothing_behind(tmp_path, wheelhouse):
+    """A host that boots, and one whose start fails: afterwards nothing of either is left."""
+    before = traces()
+    with pytest.raises(RuntimeError, match="systemd-nspawn exited"):
+        # nspawn refuses a bind mount of a missing directory: the start fails.
+        with testhosts.TestHosts(str(tmp_path / "broken"), wheelhouse=str(tmp_path / "no")) as th:
+            th.boot(1)
+    assert traces() == before
+    assert not (tmp_path / "broken").exists()
+    with testhosts.TestHosts(str(tmp_path / "one"), wheelhouse=wheelhouse) as th:
+        host, = th.boot(1)
+        assert host.run("systemctl is-system-running").stdout.strip() == "running"
+        assert host.run("hostname").stdout.strip() == "host1"
+        assert traces() != before
+    assert traces() == before
+    assert not (tmp_path / "one").exists()
+
+
 # -- the code to deploy: starter repos made by `stagetools.py new`, as git repositories
 
 SHOP_SETTINGS = '''\

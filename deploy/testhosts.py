@@ -12,6 +12,10 @@ systemd is only ever run by `systemd-nspawn -D <a separate root>`, never on the 
     python3 deploy/testhosts.py build             # build or reuse the image, print its path
     python3 deploy/testhosts.py boot 2 DIR        # boot two hosts, write DIR/inventory.ini,
                                                   # stay up until Ctrl-C
+        [--wheelhouse WH] [--copy] [--exit]       # WH at /opt/wheelhouse inside; copies, not
+                                                  # overlays; stop again at once (timing)
+Measured here (2 cores): image 24-28 s, two hosts booted in 3.5-4 s with overlays (14 s with
+copies), stopped in under 1 s.
 """
 import atexit
 import fcntl
@@ -119,6 +123,9 @@ class Host:
 class TestHosts:
     """Boot hosts; `close()` (or leaving the `with`) stops all of them and removes every trace."""
 
+    __test__ = False  # not a pytest class
+    _count = 0
+
     def __init__(self, workdir, wheelhouse=None, copy=False, log=print):
         self.workdir = os.path.abspath(workdir)
         self.wheelhouse = wheelhouse
@@ -189,9 +196,17 @@ class TestHosts:
             upper, work = os.path.join(hostdir, "upper"), os.path.join(hostdir, "work")
             for d in (root, upper, work):
                 os.makedirs(d)
-            run(["mount", "-t", "overlay", "overlay", "-o",
-                 "lowerdir=%s,upperdir=%s,workdir=%s" % (image, upper, work), root])
-            self._on_close(self._umount, root)
+            try:
+                run(["mount", "-t", "overlay", "overlay", "-o",
+                     "lowerdir=%s,upperdir=%s,workdir=%s" % (image, upper, work), root])
+            except subprocess.CalledProcessError as error:
+                # e.g. the work dir itself on overlayfs: a copy is slower (14 s for two
+                # hosts here, against 4 s) but works anywhere.
+                self.log("overlay mount failed (%s); copying the image" % error.stderr.strip())
+                os.rmdir(root)
+                run(["cp", "-a", "--reflink=auto", image, root], timeout=300)
+            else:
+                self._on_close(self._umount, root)
         return root
 
     def _umount(self, path):
@@ -318,7 +333,10 @@ class TestHosts:
         if not os.path.exists(self.key):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testhosts", "-f",
                  self.key])
-        tag = "%x" % (os.getpid() % 0xffff)  # names stay unique beside another run
+        # Names stay unique beside another run and another TestHosts of this process
+        # (and short: an interface name has at most 15 characters).
+        TestHosts._count += 1
+        tag = "%x%d" % (os.getpid() % 0xffff, TestHosts._count % 100)
         subnets = self._free_subnets(count)
         for index in range(1, count + 1):
             name = "%s%d" % (prefix, index)
