@@ -499,14 +499,16 @@ def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, h
 
 
 def test_local_connection(deployed, hosts, repos, collections, wheelhouse):
-    """The same playbook, run on a host by itself with ansible_connection=local."""
+    """The same playbook, run on a host by itself with ansible_connection=local, with the code
+    from a git URL."""
     host2 = hosts.hosts[1]
     shutil.copytree(os.path.join(collections, "ansible_collections"),
                     os.path.join(host2.root, "opt/collections/ansible_collections"))
     shutil.copytree(repos["blog"], os.path.join(host2.root, "srv/git/blog"))
     with open(os.path.join(host2.root, "srv/installations.json"), "w") as f:
         json.dump({"stagetools_installations": [
-            {"name": "blog_dev", "repo": "/srv/git/blog", "version": "main",
+            # a URL the host fetches itself (a path would be sent from the "controller")
+            {"name": "blog_dev", "repo": "file:///srv/git/blog", "version": "main",
              "framework": "flask", "server": "gunicorn"}],
             "stagetools_pip_env": {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
     host2.run("python3 -m venv /opt/ansible && /opt/ansible/bin/pip install --quiet --no-index"
