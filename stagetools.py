@@ -117,7 +117,7 @@ _DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES}
 # (show --expected, check) and by the installation itself.
 DECLARATION_FILE = "stagetools.ini"
 _DECLARATION_MAX_BYTES = 65536
-_DECLARATION_EXAMPLE = "framework = django"
+_DECLARATION_EXAMPLE = "[stagetools] then framework = django"
 _SECRET_KEY_MIN_LENGTH = 50
 _SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
 _SYSTEM_UNIT_DIR = "/etc/systemd/system"
@@ -226,12 +226,16 @@ def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
     return _valid_choice(label or kind, given or declared.get(kind) or default, choices)
 
 
-def read_declaration(repo_dir, path=None):
-    """The choices a repo declares in its ``stagetools.ini`` (or the file at ``path``):
-    ``{key: value}``, empty without one. A strict subset of INI (configparser reads it
-    too): one ``[stagetools]`` section of ``key = value`` lines, ``#`` or ``;`` comments.
-    Parsed here, because every process start reads it and configparser's import alone
-    costs more than resolving."""
+def read_declaration(repo_dir, name=None, path=None):
+    """The choices a repo declares in its ``stagetools.ini`` (or the file at ``path``) for
+    the installation ``name``: ``{key: value}``, empty without one.
+
+    ``[stagetools]`` holds the choices of every installation of the repo; a section named
+    after a stage (``[prod]``, ``[qual]``, ``[int]``, ``[dev]``) those of its stage; one
+    named after an installation (``[shop_dev]``) its own. The narrower section wins. A
+    strict subset of INI (configparser reads it too): ``key = value`` lines, ``#`` or
+    ``;`` comments. Parsed here, because every process start reads it and configparser's
+    import alone costs more than resolving."""
     path = path or os.path.join(repo_dir, DECLARATION_FILE)
     if not os.path.lexists(path):  # cheaper than the exception below, at every start
         return {}
@@ -243,7 +247,7 @@ def read_declaration(repo_dir, path=None):
         return {}
     except StagetoolsError as error:
         raise _BadDeclaration(error.given, error.rule, error.fix) from None
-    declared, section = {}, None
+    sections, section = {}, None
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         key, equals, value = line.partition("=")
@@ -252,21 +256,30 @@ def read_declaration(repo_dir, path=None):
             continue
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1].strip()
-            if section != "stagetools":
-                raise _BadDeclaration(given, f"line {number}: the section [{section}] is not "
-                                      "one of stagetools", "name it [stagetools]")
+            if section in sections or not (section == "stagetools" or section in _STAGE_LABELS
+                                           or _name_problem(section) is None):
+                raise _BadDeclaration(given, f"line {number}: the section [{section}] is "
+                                      f"{'there twice' if section in sections else 'unknown'}",
+                                      "use [stagetools], [prod], [qual], [int], [dev] or "
+                                      "[NAME] of an installation, once each")
+            sections[section] = {}
         elif section is None or not equals:
-            raise _BadDeclaration(given, f"line {number} is not 'key = value' in the "
-                                  "[stagetools] section", f"for example: {_DECLARATION_EXAMPLE}")
-        elif key not in _DECLARED or key in declared:
+            raise _BadDeclaration(given, f"line {number} is not 'key = value' in a section",
+                                  f"for example: {_DECLARATION_EXAMPLE}")
+        elif key not in _DECLARED or key in sections[section]:
+            twice = key in sections[section]
             raise _BadDeclaration(given, f"line {number}: {key!r} is "
-                                  f"{'declared twice' if key in declared else 'no choice'}",
-                                  f"declare each of {', '.join(_DECLARED)} once at most")
+                                  f"{'declared twice' if twice else 'no choice'}",
+                                  f"declare each of {', '.join(_DECLARED)} once per section")
         elif value not in _DECLARED[key]:
             raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
                                   "choices", f"choose one of {', '.join(_DECLARED[key])}")
         else:
-            declared[key] = value
+            sections[section][key] = value
+    declared = dict(sections.get("stagetools", {}))
+    if name is not None:
+        declared.update(sections.get(parse_name(name)[2].label, {}))
+        declared.update(sections.get(name, {}))
     return declared
 
 
@@ -434,7 +447,7 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
     if declared is None:
-        declared = read_declaration(core_repo_dir)
+        declared = read_declaration(core_repo_dir, name)
     framework = _chosen("framework", framework, declared, "django", core_repo_dir, FRAMEWORKS)
     servers = FRAMEWORKS[framework]["servers"]
     server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
@@ -733,7 +746,7 @@ def _database(system, database):
     """The system's database, or the one given if the repo does not declare another."""
     if database is None or database == system.database:
         return system.database
-    return _chosen("database", database, read_declaration(system.core_repo_dir),
+    return _chosen("database", database, read_declaration(system.core_repo_dir, system.name),
                    system.database, system.core_repo_dir, DATABASES)
 
 
@@ -1236,7 +1249,7 @@ def _declared_in(args):
     if not os.path.lexists(args.declaration):
         raise StagetoolsError(f"--declaration '{args.declaration}'", "there is no such file",
                               "give the stagetools.ini of the version to deploy")
-    return read_declaration(None, args.declaration)
+    return read_declaration(None, args.name, args.declaration)
 
 
 def _run(command, what):

@@ -456,10 +456,11 @@ def test_any_option_value__exit_2_one_line_or_json(option, value):
 BAD_DECLARATIONS = {
     "[stagetools]\nframework = rails\n":
         "line 2: framework = 'rails' is none of the choices; choose one of django, flask",
-    "[stagetools]\nframework: flask\n": "line 2 is not 'key = value' in the [stagetools]",
-    "framework = flask\n": "line 1 is not 'key = value' in the [stagetools] section",
+    "[stagetools]\nframework: flask\n": "line 2 is not 'key = value' in a section",
+    "framework = flask\n": "line 1 is not 'key = value' in a section",
     "[stagetools]\nworkers = 4\n": "line 2: 'workers' is no choice",
-    "[other]\nframework = flask\n": "line 1: the section [other] is not one of stagetools",
+    "[other]\nframework = flask\n": "line 1: the section [other] is unknown",
+    "[prod]\n[prod]\n": "line 2: the section [prod] is there twice",
     "[stagetools]\nserver = gunicorn\nserver = uvicorn\n": "line 3: 'server' is declared twice",
     "[stagetools]\nframework = flask\nserver = uvicorn\n": "server = uvicorn is not a server for flask",
 }
@@ -500,6 +501,15 @@ def test_declaration__read_by_show_and_by_the_installation_flags_cannot_contradi
                      tmp_path / "next.ini")["framework"] == "flask"
     result = cli("show", "shop_prod", "--expected", "--declaration", tmp_path / "none.ini")
     assert result.returncode == 2 and "there is no such file" in result.stderr
+    # One repo, several installations: a stage's section, then an installation's, win.
+    declaration.write_text("[stagetools]\nserver = gunicorn\n[prod]\ndatabase = postgresql\n"
+                           "[shop_dev]\nserver = uvicorn\n")
+    choices = {name: show_json(name, "--expected", "--base-dir", tmp_path / name / "x" / name,
+                               "--declaration", declaration)
+               for name in ("shop_prod", "acme_prod", "shop_dev", "shop_qual")}
+    assert {name: (data["server"], data["database"]) for name, data in choices.items()} == {
+        "shop_prod": ("gunicorn", "postgresql"), "acme_prod": ("gunicorn", "postgresql"),
+        "shop_dev": ("uvicorn", "sqlite"), "shop_qual": ("gunicorn", "sqlite")}
     declaration.unlink()
     (tmp_path / "elsewhere.ini").write_text("[stagetools]\nframework = flask\n")
     declaration.symlink_to(tmp_path / "elsewhere.ini")

@@ -98,13 +98,14 @@ def test_hosts_leave_nothing_behind(tmp_path, wheelhouse):
 
 # -- the code to deploy: starter repos made by `stagetools.py new`, as git repositories
 
-SHOP_SETTINGS = '''\
-import aaa_env_setup
-from stagetools_django import settings_defaults
-
-# This project keeps QUAL and PROD on PostgreSQL and the other stages on SQLite.
-globals().update(settings_defaults("sqlite" if aaa_env_setup.SYSTEM.is_debug else "postgresql"))
-'''
+# What each repo declares: the shop code runs its PROD installations on PostgreSQL and its
+# DEV on uvicorn; the feed code runs on hypercorn.
+DECLARATIONS = {
+    "shop": "[stagetools]\nframework = django\nserver = gunicorn\ndatabase = sqlite\n"
+            "[prod]\ndatabase = postgresql\n[dev]\nserver = uvicorn\n",
+    "blog": "[stagetools]\nframework = flask\n",
+    "feed": "[stagetools]\nframework = starlette\nserver = hypercorn\n",
+}
 
 
 def git(repo, *args):
@@ -123,9 +124,9 @@ def make_repo(workdir, name, framework):
     shutil.copytree(os.path.join(installation, "src", configuration), repo,
                     ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     shutil.rmtree(installation)
+    with open(os.path.join(repo, "stagetools.ini"), "w") as f:
+        f.write(DECLARATIONS[configuration])
     if configuration == "shop":
-        with open(os.path.join(repo, "stagetools_project", "settings.py"), "w") as f:
-            f.write(SHOP_SETTINGS)
         # The shop code says it is the shop repo, so a customer configuration (acme_prod)
         # running it resolves the same core_repo as its deployment.
         env_setup = os.path.join(repo, "aaa_env_setup.py")
@@ -215,7 +216,10 @@ def write_host_vars(workdir, repos, versions=None, extra=()):
     os.makedirs(host_vars, exist_ok=True)
     for host, installations in INSTALLATIONS.items():
         installations = installations + (list(extra) if host == "host1" else [])
-        listed = [dict(i, repo=repos[i["repo"]], version=(versions or {}).get(i["name"], "main"))
+        # The repos declare framework, server and database: the inventory says none of them.
+        listed = [dict({key: value for key, value in i.items()
+                        if key not in ("framework", "server", "database")},
+                       repo=repos[i["repo"]], version=(versions or {}).get(i["name"], "main"))
                   for i in installations]
         with open(os.path.join(host_vars, host + ".json"), "w") as f:
             json.dump({"stagetools_installations": listed,
@@ -274,9 +278,8 @@ def test_check_holds_for_each(deployed, hosts):
             name = installation["name"]
             repo_stagetools = "/home/%s/src/%s/stagetools.py" % (name, installation["repo"])
             options = " --core-repo shop" if "core_repo" in installation else ""
-            result = host.run("/usr/bin/python3 -I %s check %s --json --framework %s --server %s%s"
-                              % (repo_stagetools, name, installation["framework"],
-                                 installation["server"], options), check=False)
+            result = host.run("/usr/bin/python3 -I %s check %s --json%s"
+                              % (repo_stagetools, name, options), check=False)
             assert result.returncode == 0, (host, name, result.stdout, result.stderr)
             assert json.loads(result.stdout)["ok"] is True
 
@@ -307,10 +310,10 @@ def test_private_files(deployed, hosts):
                                              "600 feed_qual"], result.stdout
 
 
-def check_json(host, name, framework, server, repo):
-    result = host.run("/usr/bin/python3 -I /home/%s/src/%s/stagetools.py check %s --json "
-                      "--framework %s --server %s" % (name, repo, name, framework, server),
-                      check=False)
+def check_json(host, name, repo):
+    """check NAME with no other flag: the repo declares the rest."""
+    result = host.run("/usr/bin/python3 -I /home/%s/src/%s/stagetools.py check %s --json"
+                      % (name, repo, name), check=False)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -447,7 +450,7 @@ def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, ve
     lines = backups.stdout.splitlines()
     assert lines[0].startswith("700 shop_prod ") and len(lines) == 2, lines
     assert lines[1].startswith("600 shop_prod ") and lines[1].endswith(".pgdump"), lines
-    assert check_json(host1, "shop_prod", "django", "gunicorn", "shop")[0] == 0
+    assert check_json(host1, "shop_prod", "shop")[0] == 0
 
 
 @pytest.mark.parametrize("branch, step", [("bad-migration", "migrate"),
@@ -470,7 +473,7 @@ def test_failed_upgrade_rolls_back(branch, step, deployed, workdir, collections,
     answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
                  "-H", "Host: shop-prod.localhost", "http://%s/" % host1.address])
     assert json.loads(answer.stdout)["name"] == "shop_prod"
-    assert check_json(host1, "shop_prod", "django", "gunicorn", "shop")[0] == 0
+    assert check_json(host1, "shop_prod", "shop")[0] == 0
     migrations = host1.run("runuser -u postgres -- psql -XtAc \"select name from "
                            "django_migrations where app = 'shop' order by name\" shop_prod")
     assert migrations.stdout.split() == ["0001_initial", "0002_tag"]
@@ -484,12 +487,12 @@ def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, h
               " && chmod 644 /home/shop_dev/secret_key"
               " && systemctl disable --now feed_qual.socket feed_qual.service"
               " && systemctl daemon-reload")
-    assert check_json(host2, "shop_dev", "django", "uvicorn", "shop")[0] == 1
+    assert check_json(host2, "shop_dev", "shop")[0] == 1
     rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host2")
     assert rc == 0, output[-6000:]
     assert recap["host2"]["changed"] > 0
-    assert check_json(host2, "shop_dev", "django", "uvicorn", "shop")[0] == 0
-    assert check_json(host2, "feed_qual", "starlette", "hypercorn", "feed")[0] == 0
+    assert check_json(host2, "shop_dev", "shop")[0] == 0
+    assert check_json(host2, "feed_qual", "feed")[0] == 0
     assert host2.run("systemctl is-enabled feed_qual.socket").stdout.strip() == "enabled"
     for name in ("shop_dev", "feed_qual"):
         answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
@@ -547,11 +550,17 @@ def test_audit_of_a_host_with_20_installations(deployed, workdir, collections, i
         rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1",
                                      name="audit")
     assert rc == 0, output[-6000:]
-    lines = re.findall(r'"(\S+)\s+ok\s+(\d+) checks', output)
+    lines = re.findall(r'"(\S+)\s+all (\d+) checks hold', output)
     assert {name for name, _ in lines} >= {"shop_prod", "blog_prod"} | {m["name"] for m in MANY}
     assert len(lines) >= 20
-    summary = re.search(r"(\d+) installations in ([\d.]+) s", output)
-    TIMES["audit script on the host (%s installations)" % summary.group(1)] = float(summary.group(2))
+    # The audit itself, on the host: `check --all` from root's mirror of a deployed commit.
+    started = time.monotonic()
+    result = host1.run("git --git-dir /var/lib/stagetools-deploy/shop_prod.git show "
+                       "refs/stagetools/deployed:stagetools.py | /usr/bin/python3 -I - check --all",
+                       check=False)
+    TIMES["check --all on the host (%d installations)" % len(result.stdout.splitlines())] = (
+        time.monotonic() - started)
+    assert result.returncode == 0, result.stdout + result.stderr
     # A fault shows as one line that names it, and the audit fails.
     host1.run("chmod 644 /home/blog_d1/secret_key")
     try:
@@ -560,4 +569,5 @@ def test_audit_of_a_host_with_20_installations(deployed, workdir, collections, i
     finally:
         host1.run("chmod 600 /home/blog_d1/secret_key")
     assert rc != 0
-    assert re.search(r'"blog_d1\s+DIFFERS\s+1 of \d+: secret_key_path mode', output), output[-3000:]
+    assert re.search(r'"blog_d1\s+1 of \d+ checks differ: secret_key_path mode', output), \
+        output[-3000:]
