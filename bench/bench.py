@@ -112,7 +112,9 @@ PLAIN_PROJECT = {  # what django-admin startproject makes; settings.py is writte
 WRITE_PLAIN_SETTINGS = """\
 import importlib, aaa_env_setup
 module = importlib.import_module(aaa_env_setup.SYSTEM.django_settings)
-values = {k: v for k, v in vars(module).items() if k.isupper() and k != 'STAGETOOLS_NAME'}
+# stagetools' own hooks (its CSRF failure view and test runner) stay out of plain Django
+values = {k: v for k, v in vars(module).items() if k.isupper()
+          and k not in ('STAGETOOLS_NAME', 'CSRF_FAILURE_VIEW', 'TEST_RUNNER')}
 values.update(ROOT_URLCONF='plain_project.urls', WSGI_APPLICATION='plain_project.wsgi.application')
 print('from pathlib import PosixPath\\n')
 for key, value in values.items():
