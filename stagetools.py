@@ -562,10 +562,8 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     if given and place and place[0] != name:
         raise StagetoolsError(given, f"it contradicts the {place[1]} '{place[2]}' of the "
                               f"installation {place[0]!r}", fix.format(place[0]))
-    basename = os.path.basename
-    base_dir = prefix if basename(prefix) == name else next(
-        (d for d in _module_dirs() if basename(d) == name and _venv_named_like_an_installation(d)),
-        prefix)
+    # The virtualenv of the name, where this runs; else (a container) sys.prefix.
+    base_dir = place[2] if place and place[0] == name else prefix
     return _build_system(name, source, base_dir, None, None,
                          core_repo, core_app, framework, server, database)
 

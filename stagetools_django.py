@@ -510,6 +510,7 @@ def _adopt_mentions(directory, package, modules, skipped):
     """'path:line' of each line of the project's Python files that names the old package
     or one of its modules; virtualenvs and hidden folders are not the project's."""
     import re
+    import stat
     name = re.escape(package)
     pattern = re.compile(rf"\b(import|from) {name}\b|\b{name}\.({'|'.join(modules)})\b")
     mentions = []
@@ -519,7 +520,8 @@ def _adopt_mentions(directory, package, modules, skipped):
                                and not os.path.exists(os.path.join(folder, name, "pyvenv.cfg")))
         for name in sorted(names):
             path = os.path.join(folder, name)
-            if not name.endswith(".py") or os.path.relpath(path, directory) in skipped:
+            if (not name.endswith(".py") or os.path.relpath(path, directory) in skipped
+                    or not stat.S_ISREG(os.lstat(path).st_mode)):  # no link, no FIFO
                 continue
             with open(path, encoding="utf-8", errors="replace") as file:
                 for number, line in enumerate(file, 1):
@@ -583,7 +585,7 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
         files["setup.py"] = starter["setup.py"]
     settings_text, removed, notes = _adopt_settings(module, source, system.database)
     entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
-                    if (directory / package / name).exists()]
+                    if (directory / package / name).is_file()]
     removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
     modules = sorted(re.escape(os.path.splitext(name)[0]) for name in
                      os.listdir(directory / package) if not name.startswith((".", "__")))

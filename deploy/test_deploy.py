@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import http.client
 import subprocess
 import sys
@@ -64,12 +65,12 @@ def sh(args, timeout=600, **kwargs):
 
 # -- the harness
 
-def traces():
-    """Our namespaces, interfaces and mounts on the machine, and nspawn processes."""
+def traces(where):
+    """Our namespaces, interfaces, mounts below ``where`` on the machine, nspawn processes."""
     netns = run_text(["ip", "netns", "list"])
     links = [line for line in run_text(["ip", "-o", "link"]).splitlines() if ": stt" in line]
     with open("/proc/self/mountinfo") as f:
-        mounts = [line for line in f if "overlay" in line and "/hosts/" in line]
+        mounts = [line for line in f if str(where) in line]
     nspawn = run_text(["pgrep", "-a", "systemd-nspawn"], check=False)
     return netns, links, mounts, nspawn
 
@@ -80,19 +81,19 @@ def run_text(args, check=True):
 
 def test_hosts_leave_nothing_behind(tmp_path, wheelhouse):
     """A host that boots, and one whose start fails: afterwards nothing of either is left."""
-    before = traces()
+    before = traces(tmp_path)
     with pytest.raises(RuntimeError, match="systemd-nspawn exited"):
         # nspawn refuses a bind mount of a missing directory: the start fails.
         with testhosts.TestHosts(str(tmp_path / "broken"), wheelhouse=str(tmp_path / "no")) as th:
             th.boot(1)
-    assert traces() == before
+    assert traces(tmp_path) == before
     assert not (tmp_path / "broken").exists()
     with testhosts.TestHosts(str(tmp_path / "one"), wheelhouse=wheelhouse) as th:
         host, = th.boot(1)
         assert host.run("systemctl is-system-running").stdout.strip() == "running"
         assert host.run("hostname").stdout.strip() == "host1"
-        assert traces() != before
-    assert traces() == before
+        assert traces(tmp_path) != before
+    assert traces(tmp_path) == before
     assert not (tmp_path / "one").exists()
 
 
@@ -238,14 +239,20 @@ def playbook(workdir, collections, inventory, *args, timeout=900, name="deploy")
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections, ANSIBLE_PIPELINING="1",
                ANSIBLE_FORKS="10", ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_NOCOLOR="1",
                ANSIBLE_RETRY_FILES_ENABLED="0")
-    result = subprocess.run(["ansible-playbook", "-i", inventory, "stagetools.deploy." + name]
-                            + list(args), capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=workdir)
-    output = result.stdout + result.stderr
+    # Its own session: on a timeout its forked workers go too, not only ansible-playbook.
+    process = subprocess.Popen(["ansible-playbook", "-i", inventory, "stagetools.deploy." + name]
+                               + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, cwd=workdir, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+        raise
     recap = {}
     for host, stats in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.M):
         recap[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", stats)}
-    return result.returncode, output, recap
+    return process.returncode, output, recap
 
 
 @pytest.fixture(scope="session")
@@ -268,6 +275,7 @@ def test_second_run_changes_nothing(deployed, workdir, collections, inventory):
         rc, output, recap = playbook(workdir, collections, inventory)
     assert rc == 0, output[-6000:]
     changed = re.findall(r"^changed: .*$", output, re.M)
+    assert set(recap) == {"host1", "host2"}, output[-3000:]
     for host, stats in recap.items():
         assert stats["changed"] == 0, (host, stats, changed)
 
@@ -320,6 +328,7 @@ def check_json(host, name, repo):
 def test_check_mode_reports_nothing_to_change(deployed, workdir, collections, inventory):
     rc, output, recap = playbook(workdir, collections, inventory, "--check", "--diff")
     assert rc == 0, output[-6000:]
+    assert set(recap) == {"host1", "host2"}, output[-3000:]
     for host, stats in recap.items():
         assert stats["changed"] == 0, (host, stats, re.findall(r"^changed: .*$", output, re.M))
 
@@ -340,7 +349,9 @@ class Migration(migrations.Migration):
     ]
 """
 
-MIGRATION_0003_FAILS = """from django.db import migrations
+# Not atomic: the table it makes first stays when it fails, as a half-applied migration's
+# would; only the role's restore of the backup takes it away again.
+MIGRATION_0003_FAILS = """from django.db import migrations, models
 
 
 def fail(apps, schema_editor):
@@ -348,8 +359,15 @@ def fail(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
+    atomic = False
     dependencies = [("shop", "0002_tag")]
-    operations = [migrations.RunPython(fail)]
+    operations = [
+        migrations.CreateModel(name="Leftover", fields=[
+            ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False,
+                                       verbose_name="ID")),
+        ]),
+        migrations.RunPython(fail),
+    ]
 """
 
 
@@ -477,6 +495,9 @@ def test_failed_upgrade_rolls_back(branch, step, deployed, workdir, collections,
     migrations = host1.run("runuser -u postgres -- psql -XtAc \"select name from "
                            "django_migrations where app = 'shop' order by name\" shop_prod")
     assert migrations.stdout.split() == ["0001_initial", "0002_tag"]
+    leftover = host1.run("runuser -u postgres -- psql -XtAc \"select count(*) from pg_tables "
+                         "where tablename = 'shop_leftover'\" shop_prod")
+    assert leftover.stdout.strip() == "0"  # the backup was restored, not only the code
 
 
 def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, hosts):

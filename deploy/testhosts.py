@@ -61,14 +61,22 @@ def build_image(log=print):
     path = os.path.join(CACHE_DIR, image_key())
     root = os.path.join(path, "root")
     with open(os.path.join(CACHE_DIR, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + 1800  # another run may be building: wait, bounded
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the image lock in %s is held for 30 minutes" % CACHE_DIR)
+                time.sleep(1)
         if os.path.exists(os.path.join(path, "complete")):
             return root
         # Images of other package lists are out of date: only the current one is kept.
         for entry in os.listdir(CACHE_DIR):
             if len(entry) == 16 and entry != image_key() and all(c in "0123456789abcdef" for c in entry):
-                shutil.rmtree(os.path.join(CACHE_DIR, entry), ignore_errors=True)
-        shutil.rmtree(path, ignore_errors=True)
+                _remove_tree(os.path.join(CACHE_DIR, entry))
+        _remove_tree(path)
         os.makedirs(path)
         started = time.monotonic()
         # The hooks run on the machine with $1 the new root: no systemd is started by them.
@@ -85,17 +93,37 @@ def build_image(log=print):
                 "--include=" + ",".join(PACKAGES)]
         args += ["--customize-hook=" + hook for hook in hooks]
         args += [SUITE, root]
+        # Its own session, so that a timeout or Ctrl-C stops it and its children; then its
+        # mounts (proc, sys, dev in the new root) go before the half-built tree does.
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
         try:
-            run(args, timeout=900)
-        except subprocess.CalledProcessError as error:
-            shutil.rmtree(path, ignore_errors=True)
-            raise RuntimeError("mmdebstrap failed:\n" + error.stderr[-3000:]) from None
+            output, _ = process.communicate(timeout=900)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+            _remove_tree(path)
+            raise
+        if process.returncode != 0:
+            _remove_tree(path)
+            raise RuntimeError("mmdebstrap failed:\n" + output[-3000:])
         with open(os.path.join(path, "packages"), "w") as f:
             f.write("\n".join(PACKAGES) + "\n")
         with open(os.path.join(path, "complete"), "w") as f:
             f.write("%.1f s\n" % (time.monotonic() - started))
         log("image built in %.1f s: %s" % (time.monotonic() - started, root))
         return root
+
+
+def _remove_tree(path):
+    """Remove a directory tree after unmounting whatever is mounted below it: a killed
+    mmdebstrap leaves /proc, /sys and /dev mounted in its root, and rmtree must not go there."""
+    prefix = os.path.realpath(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        run(["umount", "--lazy", point], check=False)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_mounted(path):
@@ -144,12 +172,15 @@ class TestHosts:
         if self._closed:
             return
         self._closed = True
+        # A second Ctrl-C must not cut the cleanup short: everything is undone first.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         errors = []
         while self._cleanups:
             fn, args = self._cleanups.pop()
             try:
                 fn(*args)
-            except Exception as error:  # keep going: the rest must be undone too
+            except BaseException as error:  # keep going: the rest must be undone too
                 errors.append("%s%r: %s" % (fn.__name__, args, error))
         if errors:
             self.log("cleanup problems:\n  " + "\n  ".join(errors))
@@ -219,10 +250,11 @@ class TestHosts:
         netns = "stt%s-%d" % (tag, index)
         veth = "stt%s-%d" % (tag, index)  # machine end; the host end is renamed to eth0
         machine_ip, host_ip = list(subnet.hosts())
-        run(["ip", "netns", "add", netns])
+        # Each undo is registered before its start: an interrupt in between leaves nothing.
         self._on_close(lambda: run(["ip", "netns", "delete", netns], check=False))
-        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"])
+        run(["ip", "netns", "add", netns])
         self._on_close(lambda: run(["ip", "link", "delete", veth], check=False))
+        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"])
         run(["ip", "link", "set", veth + "p", "netns", netns])
         run(["ip", "addr", "add", "%s/30" % machine_ip, "dev", veth])
         run(["ip", "link", "set", veth, "up"])
@@ -260,8 +292,11 @@ class TestHosts:
         process = host.process
         if process.poll() is None and host.leader:
             # A clean poweroff, so PostgreSQL and the journal shut down as on a real host.
-            run(["nsenter", "-t", str(host.leader), "-a", "systemctl", "poweroff", "--no-block"],
-                check=False, timeout=10)
+            try:
+                run(["nsenter", "-t", str(host.leader), "-a", "systemctl", "poweroff",
+                     "--no-block"], check=False, timeout=10)
+            except subprocess.TimeoutExpired:
+                pass  # it still goes down below: SIGTERM, then SIGKILL
         try:
             process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
