@@ -34,6 +34,7 @@ SUITE = "bookworm"
 PACKAGES = sorted([
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
     "nginx-light", "postgresql", "curl", "iproute2", "sudo", "procps", "git", "acl",
+    "certbot",  # HTTPS: certificates by the webroot method, renewed by its timer
 ])
 # Bump when the customize steps below change: part of the cache key too.
 IMAGE_RECIPE = "3"
