@@ -98,11 +98,15 @@ FRAMEWORKS = {
 SERVERS = {
     "gunicorn": {"interface": "wsgi", "service_type": "notify",  # it tells systemd itself
                  "on_socket": [],  # it takes LISTEN_FDS by itself
-                 "on_port": ["--bind", "{host}:{port}"]},
+                 "on_port": ["--bind", "{host}:{port}"],
+                 # --threads above 1 is gunicorn's gthread worker
+                 "capacity": ["--workers", "{workers}", "--threads", "{threads}"]},
     "uvicorn": {"interface": "asgi", "service_type": "exec",
-                "on_socket": ["--fd", "3"], "on_port": ["--host", "{host}", "--port", "{port}"]},
+                "on_socket": ["--fd", "3"], "on_port": ["--host", "{host}", "--port", "{port}"],
+                "capacity": ["--workers", "{workers}"]},
     "hypercorn": {"interface": "asgi", "service_type": "exec",
-                  "on_socket": ["--bind", "fd://3"], "on_port": ["--bind", "{host}:{port}"]},
+                  "on_socket": ["--bind", "fd://3"], "on_port": ["--bind", "{host}:{port}"],
+                  "capacity": ["--workers", "{workers}"]},
 }
 # The databases: Django's engine for each and what a repo on it installs.
 DATABASES = {
@@ -110,8 +114,49 @@ DATABASES = {
     "postgresql": {"django_engine": "django.db.backends.postgresql",
                    "requirements": ["psycopg[binary]"]},
 }
-# What a repo may declare in its stagetools.ini, and the choices of each.
-_DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES}
+# Capacity by stage, on a host of `cores` CPUs (os.cpu_count()). PROD and QUAL take
+# gunicorn's rule, 2 * cores + 1 worker processes (while one waits on the database another
+# computes), at most 12 (gunicorn's docs: 4 to 12 serve thousands of requests a second, and a
+# host runs several installations); gunicorn's workers get threads, so a slow request (an
+# upload, a slow query) holds up no other. DEV and INT serve a few people: one worker, and
+# they stop after idle_stop seconds without a request (0: never), to start again on the next.
+# The README's capacity section has the measurements behind these numbers.
+_CAPACITY = {  # stage: workers per core, plus, at most; threads; idle_stop
+    STAGE_PROD: {"workers": (2, 1, 12), "threads": 4, "idle_stop": 0},
+    STAGE_QUAL: {"workers": (2, 1, 12), "threads": 4, "idle_stop": 0},
+    STAGE_INT: {"workers": (0, 1, 1), "threads": 4, "idle_stop": 900},
+    STAGE_DEV: {"workers": (0, 1, 1), "threads": 4, "idle_stop": 900},
+}
+_MAX_WORKERS = _MAX_THREADS = 64
+_MAX_IDLE_STOP = 86400  # a day
+
+
+def _declared_number(key, largest):
+    """The validator of a declared count: ``(value, given) -> int`` in 1..largest."""
+    def valid(value, given):
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= largest):
+            raise _BadDeclaration(given, f"{key} = {value!r} is not a whole number from 1 "
+                                  f"to {largest}", f"for example {key} = 4")
+        return int(value)
+    return valid
+
+
+def _declared_idle_stop(value, given):
+    """idle_stop = seconds without a request before a DEV or INT stops, or never: int, 0 never."""
+    if value == "never":
+        return 0
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= _MAX_IDLE_STOP):
+        raise _BadDeclaration(given, f"idle_stop = {value!r} is neither never nor seconds "
+                              f"from 1 to {_MAX_IDLE_STOP}", "for example idle_stop = 900")
+    return int(value)
+
+
+# What a repo may declare in its stagetools.ini: the choices of each key, or the function
+# that validates its value.
+_DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES,
+             "workers": _declared_number("workers", _MAX_WORKERS),
+             "threads": _declared_number("threads", _MAX_THREADS),
+             "idle_stop": _declared_idle_stop}
 
 # The file of a repo that declares what the name cannot say, read by the deploy side
 # (show --expected, check) and by the installation itself.
@@ -271,6 +316,8 @@ def read_declaration(repo_dir, name=None, path=None):
             raise _BadDeclaration(given, f"line {number}: {key!r} is "
                                   f"{'declared twice' if twice else 'no choice'}",
                                   f"declare each of {', '.join(_DECLARED)} once per section")
+        elif callable(_DECLARED[key]):
+            sections[section][key] = _DECLARED[key](value, f"{given}, line {number}")
         elif value not in _DECLARED[key]:
             raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
                                   "choices", f"choose one of {', '.join(_DECLARED[key])}")
@@ -369,6 +416,10 @@ class System:
         "database_user": "the PostgreSQL role: the name",
         "database_sqlite_path": "the SQLite database: <base_dir>/<core_repo>.sqlite",
         "database_socket_dir": "PostgreSQL's socket directory",
+        # capacity
+        "workers": "worker processes of the server: by stage and the host's cores, or declared",
+        "threads": "threads per worker (gunicorn's gthread; 1 for uvicorn and hypercorn)",
+        "idle_stop": "seconds without a request before a DEV or INT stops (0: never)",
     }
 
     def __init__(self, **values):
@@ -453,6 +504,7 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
     server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
                      f"server for {framework}")
     database = _chosen("database", database, declared, "sqlite", core_repo_dir, DATABASES)
+    workers, threads, idle_stop = _capacity(stage, server, declared, core_repo_dir)
     entry_module = "stagetools_django" if framework == "django" else core_app
     asgi_application, wsgi_application = (
         (f"{entry_module}:asgi_application", f"{entry_module}:wsgi_application")
@@ -478,7 +530,32 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
         # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).
         database_socket_dir="/var/run/postgresql",
+        workers=workers, threads=threads, idle_stop=idle_stop,
     )
+
+
+def _host_cores():
+    """The CPUs of the host. Not the affinity of this process (taskset, a cpuset): the deploy
+    run, ``check`` and the installation's own probe must resolve the same number, and the
+    server runs with systemd's affinity, not theirs."""
+    return os.cpu_count() or 1
+
+
+def _capacity(stage, server, declared, repo_dir):
+    """(workers, threads, idle_stop): declared, else the stage's rule (_CAPACITY)."""
+    rule, given = _CAPACITY[stage], f"the declaration '{os.path.join(repo_dir, DECLARATION_FILE)}'"
+    per_core, plus, most = rule["workers"]
+    workers = declared.get("workers") or min(per_core * _host_cores() + plus, most)
+    has_threads = "{threads}" in SERVERS[server]["capacity"]
+    threads = declared.get("threads") or (rule["threads"] if has_threads else 1)
+    if threads != 1 and not has_threads:
+        raise _BadDeclaration(given, f"threads = {threads}: {server} has no threads",
+                              "leave threads out, or serve with gunicorn")
+    idle_stop = declared.get("idle_stop", rule["idle_stop"])
+    if idle_stop and not rule["idle_stop"]:
+        raise _BadDeclaration(given, f"idle_stop = {idle_stop} for {stage.label.upper()}: QUAL "
+                              "and PROD never stop for idleness", "declare it in [dev] or [int]")
+    return workers, threads, idle_stop
 
 
 # ---------------------------------------------------------------- resolvers and the secret key
@@ -788,18 +865,23 @@ def _fill(template, **values):
 
 def _server_command(system, host=None, port=None, server=None):
     """The command that serves the installation with its server (or ``server``): on
-    systemd's socket, or on host:port."""
+    systemd's socket with its workers and threads, or on host:port with the server's own."""
     server = server or system.server
     application = system.wsgi_application if SERVERS[server]["interface"] == "wsgi" \
         else system.asgi_application
-    where = SERVERS[server]["on_socket"] if host is None else \
+    where = [part.format(workers=system.workers, threads=system.threads)
+             for part in SERVERS[server]["on_socket"] + SERVERS[server]["capacity"]] \
+        if host is None else \
         [part.format(host=host, port=port) for part in SERVERS[server]["on_port"]]
     return [str(system.bin_dir / server), *where, application]
 
 
 def _render_units(system, user_unit):
-    """The .socket and .service of a system unit, or of a user unit (no root, no nginx)."""
+    """The .socket and .service of a system unit, or of a user unit (no root, no nginx).
+    With idle_stop, the system .socket (nginx's) starts the idle proxy instead, and the
+    service has a socket of its own (see _render_idle_units)."""
     import shlex
+    idle = system.idle_stop and not user_unit
     if user_unit:
         socket_path, socket_access = f"%t/{system.name}/{system.name}.sock", _USER_SOCKET_ACCESS
         identity, wanted_by = "", "default"
@@ -810,14 +892,37 @@ def _render_units(system, user_unit):
                                                                web_group=_WEB_GROUP)
         identity, wanted_by = f"User={system.user}\nGroup={system.group}\n", "multi-user"
         hardening = _fill(_HARDENING, base_dir=system.base_dir)
+    if idle:
+        socket_access += f"\nService={system.name}-proxy.service"
     socket = _fill(_SOCKET_UNIT, name=system.name, socket_path=socket_path,
                    socket_access=socket_access)
     service = _fill(_SERVICE_UNIT, name=system.name, server=system.server,
+                    socket_unit=f"{system.name}{'-app' if idle else ''}.socket",
+                    stop_when_unneeded="StopWhenUnneeded=yes\n" if idle else "",
                     service_type=SERVERS[system.server]["service_type"], identity=identity,
                     core_repo_dir=system.core_repo_dir,
                     exec_start=shlex.join(_server_command(system)), hardening=hardening,
                     wanted_by=wanted_by)
     return socket, service
+
+
+def _render_idle_units(system):
+    """An installation that stops when idle: NAME.socket (nginx's) starts NAME-proxy.service,
+    systemd-socket-proxyd, which requires NAME.service and passes each connection on to its
+    own socket NAME-app.socket. The proxy exits after idle_stop seconds without a connection;
+    then nothing needs NAME.service and systemd stops it (StopWhenUnneeded=yes). The next
+    request waits in NAME.socket while both start: it is answered, not dropped."""
+    name, backend = system.name, f"{system.run_dir}/app.sock"
+    app_socket = _fill(_SOCKET_UNIT, name=f"{name} app", socket_path=backend,
+                       socket_access=_fill(_APP_SOCKET_ACCESS, name=name, user=system.user,
+                                           group=system.group))
+    hardening = "".join(line + "\n" for line in _HARDENING.splitlines()
+                        if line.partition("=")[0] not in _PROXY_REPLACES) + _PROXY_HARDENING
+    proxy = _fill(_PROXY_SERVICE_UNIT, name=name, idle_stop=system.idle_stop,
+                  user=system.user, group=system.group, proxyd=_SOCKET_PROXYD,
+                  backend=backend, hardening=hardening)
+    return {f"{_SYSTEM_UNIT_DIR}/{name}-app.socket": app_socket,
+            f"{_SYSTEM_UNIT_DIR}/{name}-proxy.service": proxy}
 
 
 def _render_services(system):
@@ -829,6 +934,7 @@ def _render_services(system):
     return {
         f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
         f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
+        **(_render_idle_units(system) if system.idle_stop else {}),
         f"{_TMPFILES_DIR}/{name}.conf": _fill(_TMPFILES, run_dir=system.run_dir,
                                              media_dir=system.media_dir, user=system.user,
                                              web_group=_WEB_GROUP),
@@ -1570,9 +1676,9 @@ DirectoryMode=0700"""
 _SERVICE_UNIT = """\
 [Unit]
 Description=$name ($server, stagetools)
-Requires=$name.socket
-After=network.target $name.socket
-
+Requires=$socket_unit
+After=network.target $socket_unit
+${stop_when_unneeded}
 [Service]
 Type=$service_type
 ${identity}WorkingDirectory=$core_repo_dir
@@ -1616,6 +1722,32 @@ SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
+"""
+# The idle proxy (_render_idle_units): the installation's user, no network, no home.
+_SOCKET_PROXYD = "/usr/lib/systemd/systemd-socket-proxyd"
+_PROXY_SERVICE_UNIT = """\
+[Unit]
+Description=$name idle proxy: starts $name.service, stops it after $idle_stop s idle (stagetools)
+Requires=$name.service $name.socket
+After=$name.service $name.socket
+
+[Service]
+Type=notify
+User=$user
+Group=$group
+ExecStart=$proxyd --exit-idle-time=${idle_stop}s $backend
+${hardening}"""
+# Only the proxy (the installation's user) may connect to the app's own socket.
+_APP_SOCKET_ACCESS = """\
+SocketUser=$user
+SocketGroup=$group
+SocketMode=0600
+Service=$name.service"""
+_PROXY_REPLACES = {"ProtectHome", "BindPaths", "ReadOnlyPaths", "RestrictAddressFamilies"}
+_PROXY_HARDENING = """\
+ProtectHome=yes
+PrivateNetwork=yes
+RestrictAddressFamilies=AF_UNIX
 """
 # Valid in user units too: the rest needs namespaces a user manager may not have.
 _USER_UNIT_DIRECTIVES = {"UMask", "NoNewPrivileges", "LockPersonality", "RestrictRealtime",
