@@ -1,0 +1,128 @@
+"""Capacity on a real host (issue 15): workers by stage, a slow request that holds up no other,
+DEV installations that stop when idle and answer the next request, PROD that never stops.
+
+One test host (systemd-nspawn, deploy/testhosts.py) with four installations of one Django
+repo, deployed by the collection. Needs what deploy/test_deploy.py needs, and skips likewise.
+
+    STAGETOOLS_CI=1 python -m pytest deploy/test_capacity.py
+"""
+import json
+import os
+import re
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hostbench  # noqa: E402  (imports test_deploy: the same skip when tools are missing)
+
+IDLE_STOP = 5  # seconds: DEV's idle_stop here (900 by default)
+DECLARATION = f"""[stagetools]
+framework = django
+server = gunicorn
+[dev]
+idle_stop = {IDLE_STOP}
+[shop_p2]
+server = uvicorn
+[shop_p3]
+server = hypercorn
+"""
+SERVER_OF = {"shop_prod": "gunicorn", "shop_p2": "uvicorn", "shop_p3": "hypercorn",
+             "shop_dev": "gunicorn"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("capacity"))
+    with hostbench.Deployment(workdir, DECLARATION, list(SERVER_OF)) as deployment:
+        yield deployment
+
+
+def cores(site):
+    return int(site.host.run("/usr/bin/python3 -c 'import os; print(os.cpu_count())'").stdout)
+
+
+def test_check_holds_and_units_carry_the_workers(site):
+    """Each of the three servers runs its workers on systemd's socket; check holds."""
+    prod_workers = min(2 * cores(site) + 1, 12)
+    for name, server in SERVER_OF.items():
+        result = site.host.run("/usr/bin/python3 -I /home/%s/src/shop/stagetools.py check %s "
+                               "--json" % (name, name), check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["ok"]
+        status, _, body = site.get(name, "/")
+        assert status == 200 and json.loads(body)["name"] == name
+        unit = site.host.run("cat /etc/systemd/system/%s.service" % name).stdout
+        workers = prod_workers if name != "shop_dev" else 1
+        assert re.search(r"^ExecStart=/home/%s/bin/%s .*--workers %d\b" % (name, server, workers),
+                         unit, re.M), unit
+        # the server's own processes: a master or supervisor and its workers
+        assert len(site.processes(name)) >= workers + (workers > 1), (name, site.processes(name))
+
+
+def test_slow_request_on_prod_holds_up_no_fast_one(site):
+    """While one request waits 5 s, another is answered at once (gunicorn, PROD defaults)."""
+    slow = {}
+
+    def ask_slow():
+        slow["answer"] = site.get("shop_prod", "/io/?s=5")
+
+    thread = threading.Thread(target=ask_slow)
+    thread.start()
+    time.sleep(0.5)  # the slow one is in a worker now
+    status, seconds, _ = site.get("shop_prod", "/")
+    thread.join(30)
+    assert status == 200 and seconds < 1.0, seconds
+    assert slow["answer"][0] == 200 and slow["answer"][1] >= 5
+
+
+def journal_problems(site, since):
+    result = site.host.run("journalctl -q --no-pager -p warning --since @%d "
+                           "-u 'shop_dev*' -u 'shop_prod*'" % since, check=False)
+    nginx = site.host.run("cat /var/log/nginx/error.log", check=False).stdout
+    return result.stdout.strip(), nginx.strip()
+
+
+def test_idle_dev_stops_and_answers_the_next_request_prod_never_stops(site):
+    started = int(time.time())
+    prod_pid = site.main_pid("shop_prod.service")
+    status, _, _ = site.get("shop_dev", "/")
+    assert status == 200 and site.active("shop_dev.service") == "active"
+    waited = site.wait_until_stopped("shop_dev", IDLE_STOP + 30)
+    assert waited is not None, "shop_dev did not stop when idle"
+    assert site.active("shop_dev-proxy.service") == "inactive"
+    assert site.active("shop_dev.socket") == "active"  # nginx's socket stays with systemd
+    status, seconds, body = site.get("shop_dev", "/")
+    assert status == 200 and json.loads(body)["name"] == "shop_dev", body
+    print("first request after the idle stop: %.2f s" % seconds)
+    assert site.active("shop_dev.service") == "active"
+    # PROD, idle as long, still runs the same process.
+    time.sleep(2)
+    assert site.active("shop_prod.service") == "active"
+    assert site.main_pid("shop_prod.service") == prod_pid
+    journal, nginx_errors = journal_problems(site, started)
+    assert nginx_errors == "", nginx_errors
+    assert not re.search(r"error|fail", journal, re.I), journal
+
+
+def test_many_first_requests_at_once_are_all_answered(site):
+    """Requests that arrive while a stopped DEV starts: each waits in the socket, none drops."""
+    assert site.wait_until_stopped("shop_dev", IDLE_STOP + 30) is not None
+    answers = []
+
+    def ask():
+        answers.append(site.get("shop_dev", "/notes/")[0])
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == [200] * 8
+
+
+def test_second_run_changes_nothing(site):
+    recap = site.deploy()
+    assert recap[site.host.name]["changed"] == 0, recap
