@@ -469,7 +469,12 @@ BAD_DECLARATIONS = {
         "line 2: framework = 'rails' is none of the choices; choose one of django, flask",
     "[stagetools]\nframework: flask\n": "line 2 is not 'key = value' in a section",
     "framework = flask\n": "line 1 is not 'key = value' in a section",
-    "[stagetools]\nworkers = 4\n": "line 2: 'workers' is no choice",
+    "[stagetools]\nport = 8000\n": "line 2: 'port' is no choice",
+    "[stagetools]\nworkers = 0\n": "line 2: workers = '0' is not a whole number from 1 to 64",
+    "[stagetools]\nthreads = four\n": "threads = 'four' is not a whole number from 1 to 64",
+    "[stagetools]\nidle_stop = soon\n": "idle_stop = 'soon' is neither never nor seconds",
+    "[prod]\nidle_stop = 60\n": "idle_stop = 60 for PROD: QUAL and PROD never stop",
+    "[stagetools]\nserver = uvicorn\nthreads = 2\n": "threads = 2: uvicorn has no threads",
     "[other]\nframework = flask\n": "line 1: the section [other] is unknown",
     "[prod]\n[prod]\n": "line 2: the section [prod] is there twice",
     "[stagetools]\nserver = gunicorn\nserver = uvicorn\n": "line 3: 'server' is declared twice",
@@ -1674,10 +1679,11 @@ def test_flask_and_starlette_units_follow_from_the_system():
     flask = show_json("blog_dev", "--expected", "--framework", "flask")["services"]
     starlette = show_json("feed_prod", "--expected", "--framework", "starlette", "--server",
                           "hypercorn")["services"]
-    assert "ExecStart=/home/blog_dev/bin/gunicorn blog:application\n" in \
-        flask["/etc/systemd/system/blog_dev.service"]
-    assert "ExecStart=/home/feed_prod/bin/hypercorn --bind fd://3 feed:application\n" in \
-        starlette["/etc/systemd/system/feed_prod.service"]
+    workers = min(2 * os.cpu_count() + 1, 12)  # PROD's rule (see test_capacity__...)
+    assert "ExecStart=/home/blog_dev/bin/gunicorn --workers 1 --threads 4 blog:application\n" \
+        in flask["/etc/systemd/system/blog_dev.service"]
+    assert (f"ExecStart=/home/feed_prod/bin/hypercorn --bind fd://3 --workers {workers} "
+            "feed:application\n") in starlette["/etc/systemd/system/feed_prod.service"]
     assert "Type=exec\n" in starlette["/etc/systemd/system/feed_prod.service"]
 
 
@@ -1688,8 +1694,9 @@ def test_flask_dev_and_starlette_prod__served_from_their_units(shared_dir, postg
                                    framework="flask")
         feed, feed_env = construct("feed_prod", shared_dir, postgres, stack, "uvicorn",
                                    framework="starlette", database="postgresql")
-        # A second gunicorn worker, to show it accepts the first one's session cookie.
-        blog_env["GUNICORN_CMD_ARGS"] = "--workers 2"
+        # A second gunicorn worker (DEV has one), to show it accepts the first one's cookie.
+        unit = "/etc/systemd/system/blog_dev.service"
+        blog["services"][unit] = blog["services"][unit].replace("--workers 1 ", "--workers 2 ")
         socket_activated(blog, blog_env, tmp_path / "blog.log", stack)
         socket_activated(feed, feed_env, tmp_path / "feed.log", stack)
         status, _, body = http_get(blog["socket_path"], "/")
@@ -2167,3 +2174,129 @@ def test_adopt__own_requirements_hosts_and_old_names_kept_or_listed(tmp_path):
     # The old package named in code is listed; a domain that starts like it is not.
     assert "these lines name shop, which is stagetools_project now: jobs.py:1\n" in result.stdout
     assert "the core app 'shop' is not in INSTALLED_APPS" in result.stdout
+
+
+# ---------------------------------------------------------------- capacity (issue 15)
+#
+# Workers and threads by stage and the host's cores, or declared; DEV and INT stop when idle
+# through systemd-socket-proxyd. On a real host: deploy/test_capacity.py and bench/host.py.
+
+def expected_with(name, declaration, tmp_path, server=None):
+    path = tmp_path / f"{name}.ini"
+    path.write_text(declaration)
+    return stagetools.get_expected_system_from_name(
+        name, declared=stagetools.read_declaration(None, name, str(path)), server=server)
+
+
+@pytest.mark.parametrize("cores, prod_workers", [(1, 3), (2, 5), (4, 9), (5, 11), (64, 12)])
+def test_capacity__workers_follow_the_stage_and_the_cores(monkeypatch, cores, prod_workers):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    for name, workers, threads, idle_stop in [("shop_prod", prod_workers, 4, 0),
+                                              ("shop_qual", prod_workers, 4, 0),
+                                              ("shop_int", 1, 4, 900), ("shop_dev", 1, 4, 900)]:
+        system = stagetools.get_expected_system_from_name(name, declared={})
+        assert (system.workers, system.threads, system.idle_stop) == (workers, threads, idle_stop)
+        service = system.services[f"/etc/systemd/system/{name}.service"]
+        assert (f"ExecStart=/home/{name}/bin/gunicorn --workers {workers} --threads {threads} "
+                "stagetools_django:wsgi_application\n") in service
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one core
+    assert stagetools.get_expected_system_from_name("shop_prod", declared={}).workers == 3
+
+
+def test_capacity__every_server_on_the_socket_with_its_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    commands = {server: stagetools._server_command(stagetools.get_expected_system_from_name(
+        "shop_prod", declared={}, server=server))[1:] for server in stagetools.SERVERS}
+    assert commands == {
+        "gunicorn": ["--workers", "5", "--threads", "4", "stagetools_django:wsgi_application"],
+        "uvicorn": ["--fd", "3", "--workers", "5", "stagetools_django:asgi_application"],
+        "hypercorn": ["--bind", "fd://3", "--workers", "5",
+                      "stagetools_django:asgi_application"]}
+    for server in stagetools.SERVERS:  # no port anywhere: systemd holds the socket
+        system = stagetools.get_expected_system_from_name("shop_prod", declared={},
+                                                          server=server)
+        assert "--port" not in system.services["/etc/systemd/system/shop_prod.service"]
+        assert system.threads == (4 if server == "gunicorn" else 1)
+
+
+def test_capacity__declared_numbers_win_where_declared(tmp_path):
+    declaration = ("[stagetools]\nworkers = 3\n[prod]\nworkers = 7\nthreads = 1\n"
+                   "[dev]\nidle_stop = 60\n[shop_dsven]\nidle_stop = never\n")
+    prod, dev, dsven, qual = (expected_with(name, declaration, tmp_path)
+                              for name in ("shop_prod", "shop_dev", "shop_dsven", "shop_qual"))
+    assert (prod.workers, prod.threads, prod.idle_stop) == (7, 1, 0)
+    assert "gunicorn --workers 7 --threads 1 " in prod.services[
+        "/etc/systemd/system/shop_prod.service"]
+    assert (dev.workers, dev.threads, dev.idle_stop) == (3, 4, 60)
+    assert (dsven.idle_stop, qual.workers) == (0, 3)
+    assert "--exit-idle-time=60s " in dev.services["/etc/systemd/system/shop_dev-proxy.service"]
+    assert not any("-proxy" in path for path in dsven.services)  # never: no proxy
+    # as in the JSON a deploy tool reads, and the numbers differ where check compares them
+    assert show_json("shop_dev", "--expected", "--declaration",
+                     tmp_path / "shop_dev.ini")["idle_stop"] == 60
+    assert ("workers", 7, 3) in prod.differences(qual)
+
+
+def test_capacity__idle_stop_units_of_dev_and_int_only(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for name in ("shop_prod", "shop_qual"):
+        services = stagetools.get_expected_system_from_name(name, declared={}).services
+        units = sorted(path for path in services if path.startswith("/etc/systemd"))
+        assert units == [f"/etc/systemd/system/{name}.service",
+                         f"/etc/systemd/system/{name}.socket"]
+        assert "StopWhenUnneeded" not in services[units[0]] and "Service=" not in services[units[1]]
+    dev = stagetools.get_expected_system_from_name("shop_dev", declared={})
+    unit = "/etc/systemd/system/shop_dev"
+    services = dev.services
+    # nginx's socket is where it always was, and starts the idle proxy
+    assert f"ListenStream={dev.socket_path}\n" in services[f"{unit}.socket"]
+    assert "Service=shop_dev-proxy.service\nSocketGroup" not in services[f"{unit}.socket"]
+    assert "\nService=shop_dev-proxy.service\n" in services[f"{unit}.socket"]
+    proxy = services[f"{unit}-proxy.service"]
+    assert ("ExecStart=/usr/lib/systemd/systemd-socket-proxyd --exit-idle-time=900s "
+            "/run/shop_dev/app.sock\n") in proxy
+    assert "Requires=shop_dev.service shop_dev.socket\n" in proxy
+    assert "User=shop_dev\n" in proxy and "PrivateNetwork=yes\n" in proxy
+    assert "RestrictAddressFamilies=AF_UNIX\n" in proxy and "BindPaths" not in proxy
+    app_socket = services[f"{unit}-app.socket"]
+    assert "ListenStream=/run/shop_dev/app.sock\nSocketUser=shop_dev\n" in app_socket
+    assert "SocketMode=0600\nService=shop_dev.service\n" in app_socket
+    app = services[f"{unit}.service"]
+    assert "Requires=shop_dev-app.socket\n" in app and "StopWhenUnneeded=yes\n" in app
+    assert stagetools._fill(stagetools._HARDENING, base_dir=dev.base_dir) in app
+    # the user units (a developer's own systemd) stay as they were: no proxy there
+    user_service = services["/home/shop_dev/.config/systemd/user/shop_dev.service"]
+    assert "Requires=shop_dev.socket\n" in user_service and "StopWhenUnneeded" not in user_service
+
+
+@needs_deploy_tools
+def test_capacity__idle_units_verify_and_their_exposure(tmp_path):
+    system = stagetools.get_expected_system_from_name("shop_dev", declared={})
+    for path, text in system.services.items():
+        if path.startswith("/etc/systemd/system/"):
+            (tmp_path / Path(path).name).write_text(text)
+    result = run(["systemd-analyze", "verify", *sorted(tmp_path.iterdir())], check=False)
+    # the only complaint: the venv's server is not on this machine
+    problems = [line for line in result.stderr.splitlines()
+                if "/home/shop_dev/bin/gunicorn is not executable" not in line]
+    assert problems == [], result.stderr
+    result = run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                  tmp_path / "shop_dev-proxy.service"], check=False)
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert result.returncode == 0 and float(exposure.group(1)) <= 1.0, result.stdout
+
+
+def test_capacity__the_actual_system_resolves_the_same_numbers(tmp_path, monkeypatch):
+    """The installation's own process reads the same declaration and the same host: the
+    probe of check answers what the expected system says."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setenv("STAGETOOLS_NAME", "shop_qual")
+    repo = tmp_path / "shop_qual" / "src" / "shop"
+    repo.mkdir(parents=True)
+    (repo / "stagetools.ini").write_text("[qual]\nthreads = 2\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "shop_qual"))
+    actual = stagetools.get_actual_system_from_name()
+    expected = stagetools.get_expected_system_from_name("shop_qual",
+                                                        base_dir=str(tmp_path / "shop_qual"))
+    assert (actual.workers, actual.threads) == (expected.workers, expected.threads) == (7, 2)
+    assert actual.differences(expected, ignore=("name_source", "user", "group")) == []

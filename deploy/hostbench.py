@@ -132,9 +132,9 @@ class Deployment:
     def processes(self, name):
         """PIDs in the cgroups of the installation's service and its idle proxy."""
         result = self.host.run(
-            "cat /sys/fs/cgroup/system.slice/%s.service/cgroup.procs "
-            "/sys/fs/cgroup/system.slice/%s-proxy.service/cgroup.procs 2>/dev/null"
-            % (name, name), check=False)
+            "for unit in %s.service %s-proxy.service; do cat /sys/fs/cgroup$(systemctl show "
+            "-p ControlGroup --value $unit)/cgroup.procs 2>/dev/null; done" % (name, name),
+            check=False)
         return [int(pid) for pid in result.stdout.split()]
 
     def rss_kib(self, names):
