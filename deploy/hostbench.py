@@ -132,8 +132,9 @@ class Deployment:
     def processes(self, name):
         """PIDs in the cgroups of the installation's service and its idle proxy."""
         result = self.host.run(
-            "for unit in %s.service %s-proxy.service; do cat /sys/fs/cgroup$(systemctl show "
-            "-p ControlGroup --value $unit)/cgroup.procs 2>/dev/null; done" % (name, name),
+            "for unit in %s.service %s-proxy.service; do group=$(systemctl show -p "
+            "ControlGroup --value $unit); [ -z \"$group\" ] || "
+            "cat /sys/fs/cgroup$group/cgroup.procs 2>/dev/null; done" % (name, name),
             check=False)
         return [int(pid) for pid in result.stdout.split()]
 
