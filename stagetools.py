@@ -1732,7 +1732,8 @@ Requires=$name.service $name.socket
 After=$name.service $name.socket
 
 [Service]
-Type=notify
+# exec: systemd-socket-proxyd (252) sends no READY=1; requests wait in the socket meanwhile
+Type=exec
 User=$user
 Group=$group
 ExecStart=$proxyd --exit-idle-time=${idle_stop}s $backend

@@ -130,13 +130,18 @@ class Deployment:
         return int(self.host.run("systemctl show -p MainPID --value %s" % unit).stdout)
 
     def processes(self, name):
-        """PIDs in the cgroups of the installation's service and its idle proxy."""
-        result = self.host.run(
-            "for unit in %s.service %s-proxy.service; do group=$(systemctl show -p "
-            "ControlGroup --value $unit); [ -z \"$group\" ] || "
-            "cat /sys/fs/cgroup$group/cgroup.procs 2>/dev/null; done" % (name, name),
-            check=False)
-        return [int(pid) for pid in result.stdout.split()]
+        """PIDs of the installation's service and idle proxy: main processes and descendants."""
+        mains = self.host.run("systemctl show -p MainPID --value %s.service %s-proxy.service"
+                              % (name, name), check=False).stdout.split()
+        found = {int(pid) for pid in mains if pid.isdigit() and pid != "0"}
+        table = self.host.run("ps -e -o pid=,ppid=").stdout.split()
+        parents = dict(zip(map(int, table[0::2]), map(int, table[1::2])))
+        grew = True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in found} - found
+            found |= more
+            grew = bool(more)
+        return sorted(found)
 
     def rss_kib(self, names):
         """Sum of the resident set sizes of the installations' processes, KiB."""

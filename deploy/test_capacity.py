@@ -78,11 +78,20 @@ def test_slow_request_on_prod_holds_up_no_fast_one(site):
     assert slow["answer"][0] == 200 and slow["answer"][1] >= 5
 
 
+# What systemd says inside an nspawn container only: no loopback setup for PrivateNetwork=,
+# no kill through the container's cgroup; the units work all the same.
+CONTAINER_ONLY = re.compile(r"Failed to configure loopback network device|"
+                            r"Failed to kill control group")
+
+
 def journal_problems(site, since):
-    result = site.host.run("journalctl -q --no-pager -p warning --since @%d "
-                           "-u 'shop_dev*' -u 'shop_prod*'" % since, check=False)
+    result = site.host.run("journalctl -q --no-pager --since @%d -u 'shop_dev*' "
+                           "-u 'shop_prod*'" % since, check=False)
+    problems = [line for line in result.stdout.splitlines()
+                if re.search(r"error|fail|traceback", line, re.I)
+                and not CONTAINER_ONLY.search(line)]
     nginx = site.host.run("cat /var/log/nginx/error.log", check=False).stdout
-    return result.stdout.strip(), nginx.strip()
+    return "\n".join(problems), nginx.strip()
 
 
 def test_idle_dev_stops_and_answers_the_next_request_prod_never_stops(site):
@@ -92,7 +101,9 @@ def test_idle_dev_stops_and_answers_the_next_request_prod_never_stops(site):
     assert status == 200 and site.active("shop_dev.service") == "active"
     waited = site.wait_until_stopped("shop_dev", IDLE_STOP + 30)
     assert waited is not None, "shop_dev did not stop when idle"
-    assert site.active("shop_dev-proxy.service") == "inactive"
+    assert site.active("shop_dev-proxy.service") == "inactive", site.host.run(
+        "systemctl status shop_dev-proxy.service; journalctl -q --no-pager -n 30 "
+        "-u shop_dev-proxy.service -u shop_dev.service", check=False).stdout
     assert site.active("shop_dev.socket") == "active"  # nginx's socket stays with systemd
     status, seconds, body = site.get("shop_dev", "/")
     assert status == 200 and json.loads(body)["name"] == "shop_dev", body
@@ -104,7 +115,7 @@ def test_idle_dev_stops_and_answers_the_next_request_prod_never_stops(site):
     assert site.main_pid("shop_prod.service") == prod_pid
     journal, nginx_errors = journal_problems(site, started)
     assert nginx_errors == "", nginx_errors
-    assert not re.search(r"error|fail", journal, re.I), journal
+    assert journal == "", journal
 
 
 def test_many_first_requests_at_once_are_all_answered(site):
