@@ -132,28 +132,29 @@ _MAX_IDLE_STOP = 86400  # a day
 
 
 def _declared_number(key, largest):
-    """The validator of a declared count: ``(value, given) -> int`` in 1..largest."""
-    def valid(value, given):
+    """The validator of a declared count: text -> int in 1..largest."""
+    def valid(value):
         if not (value.isascii() and value.isdigit() and 1 <= int(value) <= largest):
-            raise _BadDeclaration(given, f"{key} = {value!r} is not a whole number from 1 "
-                                  f"to {largest}", f"for example {key} = 4")
+            raise StagetoolsError(f"{key} = {value!r}", f"not a whole number from 1 to "
+                                  f"{largest}", f"for example {key} = 4")
         return int(value)
     return valid
 
 
-def _declared_idle_stop(value, given):
+def _declared_idle_stop(value):
     """idle_stop = seconds without a request before a DEV or INT stops, or never: int, 0 never."""
     if value == "never":
         return 0
     if not (value.isascii() and value.isdigit() and 1 <= int(value) <= _MAX_IDLE_STOP):
-        raise _BadDeclaration(given, f"idle_stop = {value!r} is neither never nor seconds "
-                              f"from 1 to {_MAX_IDLE_STOP}", "for example idle_stop = 900")
+        raise StagetoolsError(f"idle_stop = {value!r}", "neither never nor seconds from 1 to "
+                              f"{_MAX_IDLE_STOP}", "for example idle_stop = 900")
     return int(value)
 
 
-# What a repo may declare in its stagetools.ini: the choices of each key, or the function
-# that validates its value.
+# What a repo may declare in its stagetools.ini: each key's table of choices, or the
+# function that makes its value of the text (refusing what is not valid).
 _DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES,
+             "host_names": lambda text: _valid_host_names(text.split()),
              "workers": _declared_number("workers", _MAX_WORKERS),
              "threads": _declared_number("threads", _MAX_THREADS),
              "idle_stop": _declared_idle_stop}
@@ -168,6 +169,13 @@ _SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
 _SYSTEM_UNIT_DIR = "/etc/systemd/system"
 _TMPFILES_DIR = "/etc/tmpfiles.d"
 _NGINX_DIR = "/etc/nginx/sites-available"
+# The host-wide nginx site that answers names no installation serves: never a name (a dash).
+_DEFAULT_SITE = "stagetools-default"
+# HTTP-01 challenges: certbot writes them, nginx serves them, no installation can touch them.
+_ACME_CHALLENGE_DIR = "/var/lib/stagetools/acme"
+_CERTIFICATE_DIR = "/etc/letsencrypt/live"  # certbot's, one directory per --cert-name
+_HOST_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+_CERTIFICATE_MAX_BYTES = 1 << 16  # a chain of a few certificates is ~5 KiB
 # The group of the web server: it alone, besides root, may connect to the sockets.
 _WEB_GROUP = "www-data"
 _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
@@ -252,19 +260,57 @@ def _valid_base_dir(base_dir, name):
     raise StagetoolsError(f"invalid base_dir {base_dir!r}", rule, f"for example '/home/{name}'")
 
 
+def _valid_host_names(names, kind="host name"):
+    """Public host names as nginx and certbot are given them: a tuple of lowercase DNS
+    names of two labels or more, each label a-z, 0-9 and inner dashes; or a refusal."""
+    names = tuple(names)
+    if not names:
+        raise StagetoolsError(f"no {kind}s", "give at least one", "or leave host_names out")
+    for name in names:
+        labels = name.split(".")
+        bad = sorted(set(name) - _HOST_NAME_CHARACTERS)
+        if not name.isascii():
+            rule, fix = "it is not ASCII", "give its IDNA form ('xn--...')"
+        elif name.lower() != name:
+            rule, fix = "it has uppercase letters", f"write {name.lower()!r}"
+        elif bad:
+            rule, fix = f"it has the characters {''.join(bad)!r}", "use a-z, 0-9, - and ."
+        elif len(labels) < 2:
+            rule, fix = "it has no dot", "give the public name, e.g. 'shop.example.com'"
+        elif not all(labels):
+            rule, fix = "it has an empty label", "give the name without a trailing dot"
+        elif len(name) > 253 or max(len(label) for label in labels) > 63:
+            rule, fix = "a label is longer than 63 characters, or the name than 253", \
+                "give the name as DNS knows it"
+        elif any(label[0] == "-" or label[-1] == "-" for label in labels):
+            rule, fix = "a label starts or ends with -", "give the name as DNS knows it"
+        elif labels[-1].isdigit():
+            rule, fix = "it is an IP address", "give a host name; certificates are for names"
+        elif names.count(name) > 1:
+            rule, fix = "it is given twice", "give each name once"
+        else:
+            continue
+        raise StagetoolsError(f"invalid {kind} {name!r}", rule, fix)
+    return names
+
+
 def _valid_choice(kind, value, choices):
     if value not in choices:
         raise StagetoolsError(f"invalid {kind} {value!r}", f"choose one of {', '.join(choices)}")
     return value
 
 
-def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
-    """A choice: given or declared (the two may not disagree), else the default."""
+def _chosen(kind, given, declared, default, repo_dir, choices=None, label=None):
+    """A choice: given or declared (the two may not disagree), else the default; one of
+    ``choices`` where the key has a table of them."""
     path = os.path.join(repo_dir, DECLARATION_FILE)
     if given is not None and kind in declared and given != declared[kind]:
+        declared_text = " ".join(declared[kind]) if kind == "host_names" else declared[kind]
         raise StagetoolsError(f"{kind} {given!r}", f"the repo declares {kind} = "
-                              f"{declared[kind]} in '{path}'",
+                              f"{declared_text} in '{path}'",
                               f"leave the {kind} out: the declaration says it")
+    if choices is None:
+        return declared.get(kind, default) if given is None else given
     if given is None and declared.get(kind, default) not in choices:  # server = uvicorn, Flask
         raise _BadDeclaration(f"the declaration '{path}'", f"{kind} = {declared[kind]} is not "
                               f"a {label or kind}", f"choose one of {', '.join(choices)}")
@@ -317,7 +363,11 @@ def read_declaration(repo_dir, name=None, path=None):
                                   f"{'declared twice' if twice else 'no choice'}",
                                   f"declare each of {', '.join(_DECLARED)} once per section")
         elif callable(_DECLARED[key]):
-            sections[section][key] = _DECLARED[key](value, f"{given}, line {number}")
+            try:
+                sections[section][key] = _DECLARED[key](value)
+            except StagetoolsError as error:
+                raise _BadDeclaration(given, f"line {number}: {error.given}: {error.rule}",
+                                      error.fix) from None
         elif value not in _DECLARED[key]:
             raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
                                   "choices", f"choose one of {', '.join(_DECLARED[key])}")
@@ -383,6 +433,8 @@ class System:
         "framework": "'django', 'flask' or 'starlette'",
         "server": "'gunicorn', 'uvicorn' or 'hypercorn'",
         "database": "'sqlite' or 'postgresql'",
+        "host_names": "the public host names of its site, as declared: ['shop.example.com']",
+        "is_https": "whether its site serves HTTPS: QUAL and PROD with host names",
         # paths
         "base_dir": "the installation's directory, its virtualenv: /home/shop_prod",
         "venv_dir": "the virtualenv: the base dir (for your code; stagetools reads base_dir)",
@@ -399,6 +451,10 @@ class System:
         "run_dir": "/run/<name>, the directory of the socket",
         "socket_path": "the Unix socket nginx connects to, held by systemd",
         "secret_key_path": "the file of the secret key, the user's alone",
+        "certificate_dir": "certbot's directory of its certificate (fullchain.pem, privkey.pem)"
+                           ": /etc/letsencrypt/live/<name>; used when is_https",
+        "acme_challenge_dir": "where certbot puts HTTP-01 challenges and nginx serves them, "
+                              "outside every installation: /var/lib/stagetools/acme",
         # entry points
         "application_name": "the entry points' attribute name: 'application' (for your code)",
         "asgi_module": "the module of the ASGI entry point (for your code)",
@@ -477,6 +533,7 @@ class System:
         values = self._complete()
         result = {name: values[name] for name in self.FIELDS}
         result["stage"] = self.stage.label
+        result["host_names"] = list(values["host_names"])
         result["services"] = self.services
         return result
 
@@ -489,7 +546,7 @@ class System:
 
 
 def _build_system(name, name_source, base_dir, user, group, core_repo=None, core_app=None,
-                  framework=None, server=None, database=None, declared=None):
+                  framework=None, server=None, database=None, host_names=None, declared=None):
     configuration, stage_name, stage = parse_name(name)
     core_repo = _valid_identifier("core_repo", core_repo or configuration, name)
     core_app = _valid_identifier("core_app", core_app or core_repo, name)
@@ -504,6 +561,9 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
     server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
                      f"server for {framework}")
     database = _chosen("database", database, declared, "sqlite", core_repo_dir, DATABASES)
+    if host_names is not None:
+        host_names = _valid_host_names(host_names)
+    host_names = _chosen("host_names", host_names, declared, (), core_repo_dir)
     workers, threads, idle_stop = _capacity(stage, server, declared, core_repo_dir)
     entry_module = "stagetools_django" if framework == "django" else core_app
     asgi_application, wsgi_application = (
@@ -514,12 +574,14 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         container=name.replace("_", "-"), configuration=configuration,
         stage_name=stage_name, stage=stage, core_repo=core_repo, core_app=core_app,
         is_debug=stage in DEBUG_STAGES, framework=framework, server=server, database=database,
+        host_names=host_names, is_https=stage not in DEBUG_STAGES and bool(host_names),
         base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
         src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
         core_repo_dir=core_repo_dir, static_url="static/",
         static_dir=join(base_dir, "static"), media_url="media/",
         media_dir=join(base_dir, "media"), run_dir=run_dir,
         socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
+        certificate_dir=f"{_CERTIFICATE_DIR}/{name}", acme_challenge_dir=_ACME_CHALLENGE_DIR,
         application_name="application", asgi_module=entry_module,
         asgi_application=asgi_application, wsgi_module=entry_module,
         wsgi_application=wsgi_application, django_project=DJANGO_PROJECT,
@@ -607,7 +669,7 @@ def _venv_named_like_an_installation(directory):
 
 
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
-                                framework=None, server=None, database=None):
+                                framework=None, server=None, database=None, host_names=None):
     """The system this process runs in.
 
     The name comes from, in order: the argument, the environment variable
@@ -615,8 +677,9 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     the nearest virtualenv above this file named like an installation. The
     ``name_source`` attribute says which one was used. A name given (argument or
     variable) that contradicts the virtualenv it runs in is refused: a DEV name in a
-    PROD virtualenv would turn DEBUG on next to PROD's data. Framework, server and
-    database are what the repo declares in its stagetools.ini, unless given.
+    PROD virtualenv would turn DEBUG on next to PROD's data. Framework, server,
+    database and host names are what the repo declares in its stagetools.ini, unless
+    given.
     """
     prefix = os.path.normpath(sys.prefix)
     place = _installation_where_this_runs(prefix)  # (name, kind, directory) or None
@@ -642,7 +705,7 @@ def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
     # The virtualenv of the name, where this runs; else (a container) sys.prefix.
     base_dir = place[2] if place and place[0] == name else prefix
     return _build_system(name, source, base_dir, None, None,
-                         core_repo, core_app, framework, server, database)
+                         core_repo, core_app, framework, server, database, host_names)
 
 
 def _installation_where_this_runs(prefix):
@@ -670,11 +733,12 @@ def _refuse_unknown_name(prefix):
 
 
 def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core_app=None,
-                                  framework=None, server=None, database=None, declared=None):
+                                  framework=None, server=None, database=None, host_names=None,
+                                  declared=None):
     """The system a deploy tool should build: user and group are the name,
     base_dir ``/home/<name>`` unless given; the name defaults to the login name.
-    Framework, server and database are what the repo declares in its stagetools.ini
-    (once it is in place), unless given; ``declared`` replaces that file's choices
+    Framework, server, database and host names are what the repo declares in its
+    stagetools.ini (once it is in place), unless given; ``declared`` replaces that file's choices
     for a tool that holds the repo elsewhere (``{}``: none)."""
     source = "argument"
     if name is None:
@@ -686,7 +750,8 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
             raise StagetoolsError(f"the login name of this process: {error.given}", error.rule,
                                   "give the installation name") from None
     return _build_system(name, source, f"/home/{name}" if base_dir is None else base_dir,
-                         name, name, core_repo, core_app, framework, server, database, declared)
+                         name, name, core_repo, core_app, framework, server, database,
+                         host_names, declared)
 
 
 def read_secret_key(system):
@@ -938,13 +1003,28 @@ def _render_services(system):
         f"{_TMPFILES_DIR}/{name}.conf": _fill(_TMPFILES, run_dir=system.run_dir,
                                              media_dir=system.media_dir, user=system.user,
                                              web_group=_WEB_GROUP),
-        f"{_NGINX_DIR}/{name}.conf": _fill(
-            _NGINX_SITE, name=name, socket_path=system.socket_path,
-            server_name=f"{system.container}.localhost", static_url=system.static_url,
-            static_dir=system.static_dir, media_url=system.media_url, media_dir=system.media_dir),
+        f"{_NGINX_DIR}/{name}.conf": _render_site(system),
+        f"{_NGINX_DIR}/{_DEFAULT_SITE}.conf": _fill(_NGINX_DEFAULT_SITE,
+                                                    acme_challenge_dir=_ACME_CHALLENGE_DIR),
         os.path.join(user_dir, f"{name}.socket"): user_socket,
         os.path.join(user_dir, f"{name}.service"): user_service,
     }
+
+
+def _render_site(system):
+    """The nginx site: HTTPS on the host names with HTTP redirected to it (QUAL and PROD
+    with host names), else HTTP on those and on NAME-with-dashes.localhost."""
+    locations = _fill(_NGINX_LOCATIONS, name=system.name, static_url=system.static_url,
+                      static_dir=system.static_dir, media_url=system.media_url,
+                      media_dir=system.media_dir)
+    names = list(system.host_names)
+    if not system.is_https:
+        names.insert(0, f"{system.container}.localhost")
+    upstream = _fill(_NGINX_UPSTREAM, name=system.name, socket_path=system.socket_path)
+    return _fill(_NGINX_HTTPS_SITE if system.is_https else _NGINX_HTTP_SITE, name=system.name,
+                 upstream=upstream, server_names=" ".join(names),
+                 certificate_dir=system.certificate_dir,
+                 acme_challenge_dir=system.acme_challenge_dir, locations=locations)
 
 
 def render_starter(system, requirements=None):
@@ -1073,13 +1153,90 @@ def _check_private_files(expected):
 
 
 def _check_rendered_files(expected):
-    """The units and the tmpfiles file are byte for byte as rendered."""
+    """The units, the tmpfiles file and the nginx sites are byte for byte as rendered, and
+    the sites are enabled."""
     facts = []
     for path, text in expected.services.items():
-        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR)):
+        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR, _NGINX_DIR)):
             difference = _text_difference(path, text)
-            facts.append(_fact(f"unit {path}", "as rendered", difference is None, difference))
+            facts.append(_fact(f"file {path}", "as rendered", difference is None, difference))
+        if path.startswith(_NGINX_DIR):
+            link = path.replace("/sites-available/", "/sites-enabled/")
+            enabled = os.path.islink(link) and os.path.realpath(link) == os.path.realpath(path)
+            facts.append(_fact(f"site {link}", f"a link to {path}", enabled, _file_kind(link)))
     return facts
+
+
+def _check_certificate(expected):
+    """With HTTPS: the certificate nginx serves is there, has not expired, and covers every
+    host name."""
+    import time
+    if not expected.is_https:
+        return []
+    path = expected.certificate_dir / "fullchain.pem"
+    what, wanted = f"certificate {path}", "a certificate"
+    try:  # certbot's live/ holds links into its archive/: the file, looked at, is read
+        text = _read_regular_file(os.path.realpath(path), what, _CERTIFICATE_MAX_BYTES, None)
+        not_after, names = _certificate_expiry_and_names(text)
+    except FileNotFoundError:
+        return [_fact(what, wanted, False, _MISSING)]
+    except StagetoolsError as error:
+        return [_fact(what, wanted, False, error.rule)]
+    except ValueError:
+        return [_fact(what, wanted, False, "no PEM certificate in it")]
+    lacking = [name for name in expected.host_names if name not in names
+               and f"*.{name.partition('.')[2]}" not in names]
+    expiry = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    return [_fact(f"{what} expiry", "not expired", not_after > time.time(), f"expired {expiry}"),
+            _fact(f"{what} names", f"covers {' '.join(expected.host_names)}", not lacking,
+                  f"lacks {' '.join(lacking)}")]
+
+
+def _certificate_expiry_and_names(pem):
+    """(notAfter as POSIX time, subjectAltName DNS names) of the first certificate in PEM
+    text; ValueError if it holds none. The ssl module reads no certificate without a
+    connection: the two fields are found in the DER (RFC 5280, section 4.1)."""
+    import base64
+    import calendar
+    import time
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    if begin not in pem or end not in pem.partition(begin)[2]:
+        raise ValueError("no certificate")
+    der = base64.b64decode(pem.partition(begin)[2].partition(end)[0])
+
+    def element(at):  # (tag, where its content starts, where it ends)
+        tag, length, at = der[at], der[at + 1], at + 2
+        if length & 0x80:
+            length, at = int.from_bytes(der[at:at + (length & 0x7F)], "big"), at + (length & 0x7F)
+        if at + length > len(der):
+            raise ValueError("truncated")
+        return tag, at, at + length
+
+    def children(start, stop):
+        while start < stop:
+            yield element(start)
+            start = element(start)[2]
+
+    try:
+        tbs = element(element(0)[1])
+        fields = list(children(tbs[1], tbs[2]))
+        fields = fields[1:] if fields[0][0] == 0xA0 else fields  # the version is optional
+        tag, start, stop = list(children(*fields[3][1:]))[1]  # validity: notBefore, notAfter
+        not_after = calendar.timegm(time.strptime(der[start:stop].decode("ascii"), (
+            "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ")))  # UTCTime or GeneralizedTime
+        names = []
+        for tag, start, stop in fields[6:]:
+            if tag != 0xA3:  # extensions, explicitly tagged [3]
+                continue
+            for _, start, stop in children(*element(start)[1:]):
+                extension = list(children(start, stop))
+                if der[extension[0][1]:extension[0][2]] == b"\x55\x1d\x11":  # subjectAltName
+                    alternatives = element(extension[-1][1])
+                    names += [der[a:b].decode("ascii") for kind, a, b
+                              in children(*alternatives[1:]) if kind == 0x82]  # dNSName
+        return not_after, names
+    except (IndexError, UnicodeDecodeError) as error:
+        raise ValueError(f"not a certificate: {error}") from None
 
 
 def _text_difference(path, text):
@@ -1145,7 +1302,7 @@ def _changeable_by_others(expected):
 
 
 _CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_private_files,
-           _check_rendered_files, _check_actual_system)
+           _check_rendered_files, _check_certificate, _check_actual_system)
 
 
 def check_installation(expected):
@@ -1283,6 +1440,9 @@ _OPTIONS = {
     "--server": dict(choices=SERVERS, help="default: the framework's first (gunicorn; "
                      "uvicorn for starlette)"),
     "--database": dict(choices=DATABASES, help="default: sqlite"),
+    "--host-name": dict(action="append", metavar="NAME", dest="host_names",
+                        help="a public host name of the site (repeat for more); QUAL and PROD "
+                        "with host names serve HTTPS (default: the repo's host_names)"),
     "--declaration": dict(metavar="FILE", help="the stagetools.ini to take the choices from, "
                           "instead of the repo's in src/ (a deploy tool's copy of the version "
                           "it deploys)"),
@@ -1312,7 +1472,8 @@ def _parser():
     parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    system = ("--core-repo", "--core-app", "--framework", "--server", "--database", "--json")
+    system = ("--core-repo", "--core-app", "--framework", "--server", "--database",
+              "--host-name", "--json")
     command("show", "the actual system, or the expected one", "name", "--expected", "--base-dir",
             "--declaration", *system)
     command("new", "create an installation to start with: a venv named like the installation, "
@@ -1332,7 +1493,8 @@ def _parser():
 def _cmd_show(args):
     import json
     options = dict(core_repo=args.core_repo, core_app=args.core_app,
-                   framework=args.framework, server=args.server, database=args.database)
+                   framework=args.framework, server=args.server, database=args.database,
+                   host_names=args.host_names)
     if args.expected:
         system = get_expected_system_from_name(args.name, base_dir=args.base_dir,
                                                declared=_declared_in(args), **options)
@@ -1507,7 +1669,7 @@ def _cmd_check(args):
         expected = get_expected_system_from_name(
             args.name, base_dir=args.base_dir, core_repo=args.core_repo,
             core_app=args.core_app, framework=args.framework, server=args.server,
-            database=args.database, declared=_declared_in(args))
+            database=args.database, host_names=args.host_names, declared=_declared_in(args))
     except _BadDeclaration as error:
         raise _CouldNotCheck(f"could not check {args.name}", str(error)) from None
     report = _check_report(expected)
@@ -1543,7 +1705,7 @@ def _check_all(args):
     import json
     from concurrent.futures import ThreadPoolExecutor
     given = [option for option in ("name", "base_dir", "core_repo", "core_app", "framework",
-                                   "server", "database", "declaration")
+                                   "server", "database", "host_names", "declaration")
              if getattr(args, option)]
     if given:
         raise StagetoolsError(f"check --all with {given[0]}", "each installation is checked "
@@ -1760,15 +1922,46 @@ _TMPFILES = """\
 d $run_dir 0750 $user $web_group -
 d $media_dir 2750 $user $web_group -
 """
-_NGINX_SITE = """\
-# nginx site of $name; TLS and your domain: see the README.
+_NGINX_UPSTREAM = """\
 upstream $name {
     server unix:$socket_path fail_timeout=0;
 }
-
+"""
+_NGINX_HTTP_SITE = """\
+# nginx site of $name (stagetools): HTTP. QUAL and PROD with host_names declared get HTTPS.
+$upstream
 server {
     listen 80;
-    server_name $server_name;
+    listen [::]:80;
+    server_name $server_names;
+$locations}
+"""
+# The certificate is certbot's (webroot method); its renewal reloads nginx.
+_NGINX_HTTPS_SITE = """\
+# nginx site of $name (stagetools): HTTPS, with certbot's certificate for its host names.
+$upstream
+server {
+    listen 80;
+    listen [::]:80;
+    server_name $server_names;
+    location /.well-known/acme-challenge/ {
+        root $acme_challenge_dir;
+    }
+    location / {
+        return 301 https://$$host$$request_uri;
+    }
+}
+
+server {
+    listen 443 ssl;
+    listen [::]:443 ssl;
+    server_name $server_names;
+    ssl_certificate $certificate_dir/fullchain.pem;
+    ssl_certificate_key $certificate_dir/privkey.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+$locations}
+"""
+_NGINX_LOCATIONS = """\
     client_max_body_size 20m;
 
     location /$static_url {
@@ -1792,6 +1985,31 @@ server {
         proxy_redirect off;
         proxy_pass http://$name;
     }
+"""
+# One per host, the same from every installation. Without it nginx answers a name it does
+# not serve with its first site, and a TLS handshake with that site's certificate.
+_NGINX_DEFAULT_SITE = """\
+# nginx default site of stagetools: no page and no certificate for a name no site serves.
+server {
+    listen 80 default_server;
+    listen [::]:80 default_server;
+    server_name _;
+    # The first certificate of a name is asked for before its site exists.
+    location /.well-known/acme-challenge/ {
+        root $acme_challenge_dir;
+    }
+    location / {
+        return 444;
+    }
+}
+
+server {
+    listen 443 ssl default_server;
+    listen [::]:443 ssl default_server;
+    server_name _;
+    ssl_reject_handshake on;
+    # A Host header that no site serves, sent over another site's TLS connection.
+    return 444;
 }
 """
 # Run by the installation's own Python as its user, by `check`: what that process resolves.

@@ -101,8 +101,12 @@ def settings_defaults(database=None, system=None):
         "DEBUG": system.is_debug,
         # SECURITY WARNING: the key lives in a 0600 file of the installation, not in the repo.
         "SECRET_KEY": stagetools.read_secret_key(system),
-        # Add your domain in settings.py: ALLOWED_HOSTS += ["shop.example.com"].
-        "ALLOWED_HOSTS": [f"{system.container}.localhost", "localhost", "127.0.0.1", "[::1]"],
+        # The repo's declared host_names (stagetools.ini), then the local names that the
+        # health checks and a developer use.
+        "ALLOWED_HOSTS": [*system.host_names, f"{system.container}.localhost", "localhost",
+                          "127.0.0.1", "[::1]"],
+        "CSRF_TRUSTED_ORIGINS": [f"{'https' if system.is_https else 'http'}://{name}"
+                                 for name in system.host_names],
         "INSTALLED_APPS": [
             "django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
             "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles",
@@ -392,7 +396,8 @@ def _adopt_settings(module, source, database):
                 continue
         elif name == "ALLOWED_HOSTS":
             notes.append(f"settings.py set ALLOWED_HOSTS = {value}; stagetools sets "
-                         "localhost names: add your domains with ALLOWED_HOSTS += [...]")
+                         "localhost names and the declared host_names: declare your domains "
+                         "in stagetools.ini (host_names = shop.example.com)")
         elif name not in _ADOPT_DERIVED_SETTINGS:
             continue
         if name == "DATABASES" and "sqlite3" not in value:

@@ -212,7 +212,7 @@ SHOP_PROD = {
     "name": "shop_prod", "name_source": "argument", "user": "shop_prod", "group": "shop_prod",
     "container": "shop-prod", "configuration": "shop", "stage_name": "prod", "stage": "prod",
     "core_repo": "shop", "core_app": "shop", "is_debug": False, "framework": "django",
-    "server": "gunicorn", "database": "sqlite",
+    "server": "gunicorn", "database": "sqlite", "host_names": [], "is_https": False,
     "base_dir": "/home/shop_prod", "venv_dir": "/home/shop_prod",
     "bin_dir": "/home/shop_prod/bin", "lib_dir": "/home/shop_prod/lib",
     "src_dir": "/home/shop_prod/src", "python_path": "/home/shop_prod/bin/python",
@@ -221,6 +221,8 @@ SHOP_PROD = {
     "media_url": "media/", "media_dir": "/home/shop_prod/media",
     "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
     "secret_key_path": "/home/shop_prod/secret_key",
+    "certificate_dir": "/etc/letsencrypt/live/shop_prod",
+    "acme_challenge_dir": "/var/lib/stagetools/acme",
     "application_name": "application", "asgi_module": "stagetools_django",
     "asgi_application": "stagetools_django:asgi_application",
     "wsgi_module": "stagetools_django",
@@ -250,7 +252,7 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "core_repo_dir": f"{b}/src/{core_repo}", "static_url": "static/",
         "static_dir": f"{b}/static", "media_url": "media/", "media_dir": f"{b}/media",
         "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
-        "secret_key_path": f"{b}/secret_key",
+        "secret_key_path": f"{b}/secret_key", "certificate_dir": f"/etc/letsencrypt/live/{name}",
         "manage_py_path": f"{b}/src/{core_repo}/manage.py",
         "database_name": name, "database_user": name,
         "database_sqlite_path": f"{b}/{core_repo}.sqlite",
@@ -402,18 +404,25 @@ def test_base_dir__hostile_or_unclear__refused_exit_2(base_dir):
 SAFE_BASE_DIR = re.compile(r"(/[A-Za-z0-9._-]+)+")
 SAFE_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PLACEHOLDERS = {"base_dir": "/srv/zz9placeholder", "core_repo": "zz9placeholder",
-                "core_app": "zz9placeholder"}
+                "core_app": "zz9placeholder", "host_names": "zz9placeholder.test"}
+# A DNS name as RFC 1123 has it, lowercase, two labels or more, the last not all digits.
+SAFE_HOST_NAME = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                            r"(?![0-9]+$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ANY_VALUE = st.one_of(st.text(), st.text(alphabet="/ab_9.-%${};~\n\\'\"# \u00e9", max_size=30),
                       # values the rules accept, so that the rendering is checked too
                       st.from_regex(r"(/[A-Za-z0-9._-]{1,8}){1,4}", fullmatch=True),
                       st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
+                      st.from_regex(r"[a-z0-9-]{1,8}(\.[a-z0-9-]{1,8}){1,3}", fullmatch=True),
                       st.sampled_from(["gunicorn", "uvicorn", "hypercorn", "flask",
                                        "starlette"]))
 
 
 def obeys_the_rules(field, value):
-    """The README's rule for a base dir or an identifier, written here independently."""
+    """The README's rule for a base dir, an identifier or a host name, written here
+    independently."""
     import keyword
+    if field == "host_names":
+        return SAFE_HOST_NAME.fullmatch(value) is not None
     if field == "base_dir":
         return (SAFE_BASE_DIR.fullmatch(value) is not None and "/./" not in value + "/"
                 and "/../" not in value + "/")
@@ -424,15 +433,16 @@ def obeys_the_rules(field, value):
 @given(field=st.sampled_from(sorted(PLACEHOLDERS)), value=ANY_VALUE)
 def test_any_value__refused_or_rendered_on_its_own_lines_only(field, value):
     assume(value != "")  # the same as not given: the default
+    given = (lambda value: {field: [value] if field == "host_names" else value})
     try:
-        files = stagetools.get_expected_system_from_name("x_prod", **{field: value}).services
+        files = stagetools.get_expected_system_from_name("x_prod", **given(value)).services
     except stagetools.StagetoolsError as error:
         assert repr(value) in str(error) and "\n" not in str(error)
         assert not obeys_the_rules(field, value), error  # only what the rules refuse
         return
     assert obeys_the_rules(field, value)
     placeholder = PLACEHOLDERS[field]
-    reference = stagetools.get_expected_system_from_name("x_prod", **{field: placeholder})
+    reference = stagetools.get_expected_system_from_name("x_prod", **given(placeholder))
     assert sorted(files) == sorted(path.replace(placeholder, value)
                                    for path in reference.services)
     for path, text in reference.services.items():
@@ -444,7 +454,7 @@ def test_any_value__refused_or_rendered_on_its_own_lines_only(field, value):
 
 @settings(max_examples=150, deadline=None)
 @given(option=st.sampled_from(["--base-dir", "--core-repo", "--core-app", "--server",
-                               "--framework"]), value=ANY_VALUE)
+                               "--framework", "--host-name"]), value=ANY_VALUE)
 def test_any_option_value__exit_2_one_line_or_json(option, value):
     import io
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -470,9 +480,9 @@ BAD_DECLARATIONS = {
     "[stagetools]\nframework: flask\n": "line 2 is not 'key = value' in a section",
     "framework = flask\n": "line 1 is not 'key = value' in a section",
     "[stagetools]\nport = 8000\n": "line 2: 'port' is no choice",
-    "[stagetools]\nworkers = 0\n": "line 2: workers = '0' is not a whole number from 1 to 64",
-    "[stagetools]\nthreads = four\n": "threads = 'four' is not a whole number from 1 to 64",
-    "[stagetools]\nidle_stop = soon\n": "idle_stop = 'soon' is neither never nor seconds",
+    "[stagetools]\nworkers = 0\n": "line 2: workers = '0': not a whole number from 1 to 64",
+    "[stagetools]\nthreads = four\n": "threads = 'four': not a whole number from 1 to 64",
+    "[stagetools]\nidle_stop = soon\n": "idle_stop = 'soon': neither never nor seconds",
     "[prod]\nidle_stop = 60\n": "idle_stop = 60 for PROD: QUAL and PROD never stop",
     "[stagetools]\nserver = uvicorn\nthreads = 2\n": "threads = 2: uvicorn has no threads",
     "[other]\nframework = flask\n": "line 1: the section [other] is unknown",
@@ -532,6 +542,166 @@ def test_declaration__read_by_show_and_by_the_installation_flags_cannot_contradi
     declaration.symlink_to(tmp_path / "elsewhere.ini")
     result = cli("show", "shop_prod", "--expected", "--base-dir", venv)
     assert result.returncode == 2 and "is a symbolic link" in result.stderr
+
+
+# ---------------------------------------------------------------- host names and HTTPS
+
+BAD_HOST_NAMES = {
+    "Shop.example.com": "it has uppercase letters; write 'shop.example.com'",
+    "shop.example.com.": "it has an empty label",
+    "shop": "it has no dot",
+    "*.example.com": "it has the characters '*'",
+    "shop_1.example.com": "it has the characters '_'",
+    "shop.example.com;": "it has the characters ';'",
+    "-shop.example.com": "a label starts or ends with -",
+    "10.0.0.1": "it is an IP address",
+    "bücher.example": "it is not ASCII; give its IDNA form",
+    "a" * 64 + ".example.com": "a label is longer than 63 characters",
+}
+
+
+def test_host_names__declared_given_or_refused(tmp_path):
+    repo = tmp_path / "src" / "shop"
+    repo.mkdir(parents=True)
+    declaration = repo / "stagetools.ini"
+    declaration.write_text("[shop_prod]\nhost_names = shop.example.com www.shop.example.com\n"
+                           "[dev]\nhost_names = dev.shop.example.com\n")
+    expected = {name: stagetools.get_expected_system_from_name(name, base_dir=tmp_path)
+                for name in ("shop_prod", "shop_dev", "shop_qual")}
+    assert {name: (system.host_names, system.is_https) for name, system in expected.items()} == {
+        "shop_prod": (("shop.example.com", "www.shop.example.com"), True),
+        "shop_dev": (("dev.shop.example.com",), False),  # DEV and INT: plain HTTP
+        "shop_qual": ((), False)}
+    assert expected["shop_prod"].as_dict()["host_names"] == ["shop.example.com",
+                                                            "www.shop.example.com"]
+    # Given again: the same names are fine, others are refused, as for every declared choice.
+    again = stagetools.get_expected_system_from_name(
+        "shop_prod", base_dir=tmp_path, host_names=["shop.example.com", "www.shop.example.com"])
+    assert again == expected["shop_prod"]
+    with pytest.raises(stagetools.StagetoolsError, match="the repo declares host_names = "
+                       "shop.example.com www.shop.example.com in"):
+        stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path,
+                                                 host_names=["shop.example.com"])
+    for name, rule in BAD_HOST_NAMES.items():
+        result = cli("show", "shop_qual", "--expected", "--host-name", "ok.example.com",
+                     f"--host-name={name}")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, name
+        assert f"invalid host name {name!r}: {rule}" in result.stderr, result.stderr
+        declaration.write_text(f"[stagetools]\nhost_names = ok.example.com {name}\n")
+        result = cli("show", "shop_qual", "--expected", "--base-dir", tmp_path)
+        assert result.returncode == 2 and f"line 2: invalid host name {name!r}: {rule}" \
+            in result.stderr, result.stderr
+    for text, rule in {"host_names =": "no host names", "host_names = a.example a.example":
+                       "it is given twice"}.items():
+        declaration.write_text(f"[stagetools]\n{text}\n")
+        result = cli("show", "shop_qual", "--expected", "--base-dir", tmp_path)
+        assert result.returncode == 2 and rule in result.stderr, result.stderr
+
+
+def test_sites__https_for_qual_and_prod_with_names_a_default_site_for_the_rest():
+    names = ["shop.example.com", "www.shop.example.com"]
+    prod = stagetools.get_expected_system_from_name("shop_prod", host_names=names)
+    dev = stagetools.get_expected_system_from_name("shop_dev", host_names=names[:1])
+    plain = stagetools.get_expected_system_from_name("shop_qual")
+    site = {system.name: system.services[f"/etc/nginx/sites-available/{system.name}.conf"]
+            for system in (prod, dev, plain)}
+    https = site["shop_prod"]
+    assert https.count("server_name shop.example.com www.shop.example.com;") == 2
+    assert "listen 443 ssl;" in https and "shop-prod.localhost" not in https
+    assert "ssl_certificate /etc/letsencrypt/live/shop_prod/fullchain.pem;" in https
+    assert "ssl_certificate_key /etc/letsencrypt/live/shop_prod/privkey.pem;" in https
+    redirect = https[:https.index("listen 443")]
+    assert "return 301 https://$host$request_uri;" in redirect and "proxy_pass" not in redirect
+    assert "location /.well-known/acme-challenge/ {\n        root /var/lib/stagetools/acme;" \
+        in redirect
+    assert https.count("proxy_pass http://shop_prod;") == 1
+    assert "443" not in site["shop_dev"] and "443" not in site["shop_qual"]
+    assert "server_name shop-dev.localhost shop.example.com;" in site["shop_dev"]
+    assert "server_name shop-qual.localhost;" in site["shop_qual"]
+    default = "/etc/nginx/sites-available/stagetools-default.conf"
+    assert prod.services[default] == dev.services[default] == plain.services[default]
+    assert "listen 443 ssl default_server;\n    listen [::]:443 ssl default_server;\n" \
+           "    server_name _;\n    ssl_reject_handshake on;" in prod.services[default]
+    assert prod.services[default].count("return 444;") == 2
+
+
+def make_certificate(directory, names, days=30):
+    """A self-signed certificate by the openssl command: (path of the PEM, its key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    san = ",".join(f"DNS:{name}" for name in names) + ",IP:10.0.0.1"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", str(days), "-subj", f"/CN={names[0]}", "-addext",
+         f"subjectAltName={san}", "-keyout", directory / "privkey.pem",
+         "-out", directory / "cert.pem"])
+    return directory / "cert.pem"
+
+
+def test_certificate_fields__as_the_ssl_module_reads_them(tmp_path):
+    import ssl
+    for index, (names, days) in enumerate([(["a.example"], 1), (["b.example", "c.example"], 90),
+                                           (["d.example"], 20000)]):  # a GeneralizedTime
+        path = make_certificate(tmp_path / str(index), names, days)
+        oracle = ssl._ssl._test_decode_cert(str(path))  # CPython's own test helper
+        not_after, found = stagetools._certificate_expiry_and_names(path.read_text())
+        assert not_after == ssl.cert_time_to_seconds(oracle["notAfter"])
+        assert found == [value for kind, value in oracle["subjectAltName"] if kind == "DNS"]
+    for text in ("", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+                 path.read_text()[:200] + "\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(ValueError):
+            stagetools._certificate_expiry_and_names(text)
+
+
+def test_check__certificate_missing_expired_or_not_covering_a_name(tmp_path, monkeypatch):
+    import time as time_module
+    monkeypatch.setattr(stagetools, "_CERTIFICATE_DIR", str(tmp_path / "live"))
+    system = stagetools.get_expected_system_from_name(
+        "shop_prod", host_names=["shop.example.com", "www.shop.example.com"])
+    live = Path(system.certificate_dir)
+    what = f"certificate {live}/fullchain.pem"
+
+    def facts():
+        return {fact[0]: fact[2] for fact in stagetools._check_certificate(system)
+                if fact[1] != fact[2]}
+
+    assert facts() == {what: "missing"}
+    # certbot's layout: live/NAME/fullchain.pem links into archive/NAME/
+    archive = tmp_path / "archive" / "shop_prod"
+    make_certificate(archive, ["shop.example.com", "www.shop.example.com"])
+    live.mkdir(parents=True)
+    (live / "fullchain.pem").symlink_to(archive / "cert.pem")
+    assert facts() == {} and len(stagetools._check_certificate(system)) == 2
+    make_certificate(archive, ["shop.example.com"])
+    assert facts() == {f"{what} names": "lacks www.shop.example.com"}
+    make_certificate(archive, ["*.example.com"], days=1)  # one label per wildcard
+    assert facts() == {f"{what} names": "lacks www.shop.example.com"}
+    real_time = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real_time() + 2 * 86400)
+    assert list(facts()) == [f"{what} expiry", f"{what} names"]
+    assert facts()[f"{what} expiry"].startswith("expired ")
+    monkeypatch.undo()
+    monkeypatch.setattr(stagetools, "_CERTIFICATE_DIR", str(tmp_path / "live"))
+    (archive / "cert.pem").unlink()
+    os.mkfifo(archive / "cert.pem")  # looked at, never waited on
+    assert facts() == {what: "it is not a regular file"}
+    (archive / "cert.pem").unlink()
+    (archive / "cert.pem").write_text("not a certificate")
+    assert facts() == {what: "no PEM certificate in it"}
+    plain = stagetools.get_expected_system_from_name("shop_dev", host_names=["x.example.com"])
+    assert stagetools._check_certificate(plain) == []  # no HTTPS, no certificate
+
+
+@pytest.mark.django
+def test_settings_defaults__allowed_hosts_and_trusted_origins_follow_the_names(tmp_path):
+    import stagetools_django
+    names = ["shop.example.com", "www.shop.example.com"]
+    for name, scheme in (("shop_prod", "https"), ("shop_dev", "http")):
+        system = stagetools.get_expected_system_from_name(name, base_dir=tmp_path / name,
+                                                          host_names=names)
+        system.base_dir.mkdir()
+        settings = stagetools_django.settings_defaults("sqlite", system=system)
+        assert settings["ALLOWED_HOSTS"][:2] == names
+        assert f"{system.container}.localhost" in settings["ALLOWED_HOSTS"]
+        assert settings["CSRF_TRUSTED_ORIGINS"] == [f"{scheme}://{n}" for n in names]
 
 
 def test_show_into_a_closed_pipe__no_traceback():
@@ -1321,7 +1491,13 @@ def construct(name, shared_dir, postgres, stack, server, framework="django",
         if not path.startswith(str(base_dir)):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
-            stack.callback(Path(path).unlink)
+            stack.callback(Path(path).unlink, missing_ok=True)  # the default site: shared
+        if "/sites-available/" in path:
+            link = Path(path.replace("/sites-available/", "/sites-enabled/"))
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(path)
+            stack.callback(link.unlink, missing_ok=True)
     stack.callback(shutil.rmtree, expected["run_dir"], True)
     run(["systemd-tmpfiles", "--create", f"/etc/tmpfiles.d/{name}.conf"])
     return expected, env
@@ -1443,7 +1619,7 @@ def test_check__each_fault_by_name(three_installations):
                             lambda: (key.unlink(), (base / "away").rename(key))),
         "python_path": (lambda: (python.unlink(), python.mkdir()),  # a directory is no program
                         lambda: (python.rmdir(), python.symlink_to(python_target))),
-        f"unit {unit}": (lambda: unit.write_text(unit_text.replace("NoNewPrivileges=yes\n", "")),
+        f"file {unit}": (lambda: unit.write_text(unit_text.replace("NoNewPrivileges=yes\n", "")),
                          lambda: unit.write_text(unit_text)),
         "user": (lambda: run(["userdel", name]),
                  lambda: (run(["groupadd", "--gid", info.pw_gid, name]),

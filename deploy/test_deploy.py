@@ -5,11 +5,14 @@ in CI (STAGETOOLS_CI=1), where a skip is a failure.
 
     STAGETOOLS_CI=1 python -m pytest deploy/test_deploy.py
 """
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import http.client
 import subprocess
 import sys
@@ -22,6 +25,8 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import acme  # noqa: E402
+import browser  # noqa: E402
 import testhosts  # noqa: E402
 
 # What the hosts' pip may install: downloaded once on the machine (the hosts have no network).
@@ -35,7 +40,8 @@ TIMES = {}  # measured durations, printed at the end of the session
 def _missing():
     if os.geteuid() != 0:
         return "needs root (systemd-nspawn, network namespaces)"
-    for tool in ("systemd-nspawn", "mmdebstrap", "ansible-playbook", "ansible-galaxy"):
+    for tool in ("systemd-nspawn", "mmdebstrap", "ansible-playbook", "ansible-galaxy",
+                 "pebble", "pebble-challtestsrv", "openssl", "certutil", browser.CHROMIUM):
         if not shutil.which(tool):
             return "needs %s on PATH" % tool
     return None
@@ -100,13 +106,22 @@ def test_hosts_leave_nothing_behind(tmp_path, wheelhouse):
 # -- the code to deploy: starter repos made by `stagetools.py new`, as git repositories
 
 # What each repo declares: the shop code runs its PROD installations on PostgreSQL and its
-# DEV on uvicorn; the feed code runs on hypercorn.
+# DEV on uvicorn; the feed code runs on hypercorn. Host names: shop_prod and feed_qual serve
+# HTTPS with certificates from pebble; shop_dev, a DEV, keeps plain HTTP with its name.
 DECLARATIONS = {
     "shop": "[stagetools]\nframework = django\nserver = gunicorn\ndatabase = sqlite\n"
-            "[prod]\ndatabase = postgresql\n[dev]\nserver = uvicorn\n",
+            "[prod]\ndatabase = postgresql\n[dev]\nserver = uvicorn\n"
+            "[shop_prod]\nhost_names = shop.test www.shop.test\n"
+            "[shop_dev]\nhost_names = dev.shop.test\n",
     "blog": "[stagetools]\nframework = flask\n",
-    "feed": "[stagetools]\nframework = starlette\nserver = hypercorn\n",
+    "feed": "[stagetools]\nframework = starlette\nserver = hypercorn\n"
+            "[feed_qual]\nhost_names = feed.test\n",
 }
+HOST_NAMES = {"shop_prod": ["shop.test", "www.shop.test"], "shop_dev": ["dev.shop.test"],
+              "feed_qual": ["feed.test"]}
+HTTPS = {"shop_prod", "feed_qual"}
+# Set by the acme fixture: the ACME server for the hosts' inventory, pebble's root.
+ACME = {}
 
 
 def git(repo, *args):
@@ -196,8 +211,9 @@ def collections(workdir):
 
 INSTALLATIONS = {
     "host1": [
+        # The inventory may repeat the repo's host names (the role checks they agree).
         {"name": "shop_prod", "repo": "shop", "framework": "django", "server": "gunicorn",
-         "database": "postgresql"},
+         "database": "postgresql", "host_names": HOST_NAMES["shop_prod"]},
         {"name": "blog_prod", "repo": "blog", "framework": "flask", "server": "gunicorn"},
     ],
     "host2": [
@@ -224,12 +240,47 @@ def write_host_vars(workdir, repos, versions=None, extra=()):
                   for i in installations]
         with open(os.path.join(host_vars, host + ".json"), "w") as f:
             json.dump({"stagetools_installations": listed,
+                       "stagetools_acme_server": ACME["directory_url"],
                        "stagetools_pip_env": {"PIP_NO_INDEX": "1",
                                               "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
 
 
+def machine_end(host):
+    """The machine's address on the veth pair of ``host`` (the host's is one above)."""
+    return str(ipaddress.ip_address(host.address) - 1)
+
+
 @pytest.fixture(scope="session")
-def inventory(workdir, hosts, repos):
+def acme_server(workdir, hosts):
+    """pebble on the machine's end of host1's veth, resolving each host name to its host.
+    The hosts trust its API's CA as a company trusts its own ACME server's; host2 reaches it
+    through the machine."""
+    host1, host2 = hosts.hosts
+    answers = {name: (host1 if name in ("shop.test", "www.shop.test") else host2).address
+               for names in HOST_NAMES.values() for name in names}
+    with timed("pebble start"):
+        server = acme.AcmeServer(os.path.join(workdir, "acme"), machine_end(host1), answers,
+                                 log=lambda line: None)
+        server.start()
+    try:
+        ca = open(server.api_ca_path).read()
+        for host in hosts.hosts:
+            with open(os.path.join(host.root, "usr/local/share/ca-certificates/test-acme.crt"),
+                      "w") as f:
+                f.write(ca)
+            host.run("update-ca-certificates")
+        host2.run("ip route add %s/32 via %s" % (server.address, machine_end(host2)))
+        root = os.path.join(workdir, "acme", "root.pem")
+        with open(root, "w") as f:
+            f.write(server.root_ca_pem())
+        ACME.update(directory_url=server.directory_url, root=root, server=server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def inventory(workdir, hosts, repos, acme_server):
     write_host_vars(workdir, repos)
     return hosts.inventory(os.path.join(workdir, "inventory.ini"))
 
@@ -292,15 +343,47 @@ def test_check_holds_for_each(deployed, hosts):
             assert json.loads(result.stdout)["ok"] is True
 
 
+class SiteConnection(http.client.HTTPSConnection):
+    """HTTPS to a test host's address, with the host name for SNI and for verifying the
+    certificate against pebble's root (the machine has no DNS for the test names)."""
+
+    def __init__(self, address, host_name, timeout=20):
+        super().__init__(host_name, 443, timeout=timeout,
+                         context=ssl.create_default_context(cafile=ACME["root"]))
+        self.address = address
+
+    def connect(self):
+        raw = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)
+
+
+def site(host, name):
+    """(connection, Host header) to an installation through nginx as a visitor reaches it:
+    HTTPS by its first host name, or HTTP by NAME-with-dashes.localhost."""
+    if name in HTTPS:
+        return SiteConnection(host.address, HOST_NAMES[name][0]), HOST_NAMES[name][0]
+    return (http.client.HTTPConnection(host.address, 80, timeout=20),
+            "%s.localhost" % name.replace("_", "-"))
+
+
+def get(host, name, path="/", host_header=None):
+    """(status, headers, body) of a GET through nginx."""
+    connection, default_host = site(host, name)
+    try:
+        connection.request("GET", path, headers={"Host": host_header or default_host})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()
+
+
 def test_each_answers_through_nginx(deployed, hosts):
-    """From the machine to each host's own address, with the installation's Host name."""
+    """From the machine to each host's own address, as a visitor reaches each installation."""
     for host in hosts.hosts:
         for installation in INSTALLATIONS[host.name]:
             name = installation["name"]
-            result = sh(["curl", "--silent", "--show-error", "--max-time", "20", "--noproxy", "*",
-                         "-H", "Host: %s.localhost" % name.replace("_", "-"),
-                         "http://%s/" % host.address])
-            assert json.loads(result.stdout)["name"] == name, result.stdout
+            status, _, body = get(host, name)
+            assert status == 200 and json.loads(body)["name"] == name, body
 
 
 def test_shop_prod_uses_postgresql_by_peer_auth(deployed, hosts):
@@ -316,6 +399,128 @@ def test_private_files(deployed, hosts):
                        "/home/feed_qual/secret_key /home/feed_qual/feed.sqlite")
     assert result.stdout.split("\n")[:4] == ["600 shop_dev", "600 shop_dev", "600 feed_qual",
                                              "600 feed_qual"], result.stdout
+
+
+# -- HTTPS: certificates from pebble by certbot's webroot method; a default site that
+# answers no name it does not serve
+
+ARTIFACTS = os.environ.get("STAGETOOLS_ARTIFACTS", os.path.join(TOP, "artifacts"))
+
+
+def handshake(address, server_name):
+    """The serial number of the certificate a TLS handshake with ``server_name`` (SNI;
+    None: none) gets, verified against pebble's root; ssl.SSLError if it is refused."""
+    context = ssl.create_default_context(cafile=ACME["root"])
+    context.check_hostname = server_name is not None
+    with socket.create_connection((address, 443), 20) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            return tls.getpeercert()["serialNumber"]
+
+
+def test_https_by_each_host_name_and_http_redirects(deployed, hosts):
+    host1, host2 = hosts.hosts
+    for host, name in ((host1, "shop_prod"), (host2, "feed_qual")):
+        for host_name in HOST_NAMES[name]:
+            connection = SiteConnection(host.address, host_name)  # verified against pebble
+            connection.request("GET", "/", headers={"Host": host_name})
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["name"] == name
+            plain = http.client.HTTPConnection(host.address, 80, timeout=20)
+            plain.request("GET", "/admin/?next=/", headers={"Host": host_name})
+            response = plain.getresponse()
+            assert (response.status, response.getheader("Location")) == (
+                301, "https://%s/admin/?next=/" % host_name)
+    # A DEV with a host name: plain HTTP by it, and no TLS site.
+    status, _, body = get(host2, "shop_dev", host_header="dev.shop.test")
+    assert status == 200 and json.loads(body)["name"] == "shop_dev"
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        handshake(host2.address, "dev.shop.test")
+
+
+def test_unknown_names_get_no_certificate_and_no_page(deployed, hosts):
+    host1 = hosts.hosts[0]
+    for server_name in ("unknown.test", None):  # a name no site serves; the address alone
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            handshake(host1.address, server_name)
+    # Over shop.test's TLS connection, a Host no site serves; on port 80 likewise: nginx
+    # closes the connection without a page.
+    for connection in (SiteConnection(host1.address, "shop.test"),
+                       http.client.HTTPConnection(host1.address, 80, timeout=20)):
+        connection.request("GET", "/", headers={"Host": "unknown.test"})
+        with pytest.raises(http.client.RemoteDisconnected):
+            connection.getresponse()
+        connection.close()
+
+
+def test_an_invalid_host_name_is_refused_by_name(deployed, workdir, collections, inventory,
+                                                 repos):
+    bad = [{"name": "shop_prod", "repo": repos["shop"], "version": "main",
+            "host_names": ["shop.test", "shop.test;evil"]}]
+    rc, output, _ = playbook(workdir, collections, inventory, "--limit", "host1", "-e",
+                             json.dumps({"stagetools_installations": bad}))
+    assert rc != 0
+    assert "invalid host name 'shop.test;evil': it has the characters ';'" in output, \
+        output[-3000:]
+
+
+def test_check_reports_a_missing_certificate(deployed, hosts):
+    host1 = hosts.hosts[0]
+    live = "/etc/letsencrypt/live/shop_prod"
+    host1.run("mv %s %s.away" % (live, live))
+    try:
+        rc, output = check_json(host1, "shop_prod", "shop")
+    finally:
+        host1.run("mv %s.away %s" % (live, live))
+    assert rc == 1, output
+    assert [(d["what"], d["actual"]) for d in json.loads(output)["differences"]] == [
+        ("certificate %s/fullchain.pem" % live, "missing")]
+
+
+def test_django_check_deploy_on_prod_behind_the_site(deployed, hosts):
+    result = hosts.hosts[0].run(
+        "cd / && runuser -u shop_prod -- env HOME=/home/shop_prod /home/shop_prod/bin/python "
+        "/home/shop_prod/src/shop/manage.py check --deploy --fail-level WARNING")
+    assert "System check identified no issues" in result.stdout, result.stdout + result.stderr
+
+
+def test_browser_logs_in_to_the_prod_admin_over_https(deployed, hosts):
+    import secrets
+    host1 = hosts.hosts[0]
+    password = secrets.token_urlsafe(16)
+    host1.run("cd / && runuser -u shop_prod -- env HOME=/home/shop_prod "
+              "DJANGO_SUPERUSER_PASSWORD=%s /home/shop_prod/bin/python "
+              "/home/shop_prod/src/shop/manage.py createsuperuser --no-input "
+              "--username admin --email admin@shop.test" % password)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    screenshot = os.path.join(ARTIFACTS, "shop_prod-admin-over-https.png")
+    with timed("browser: HTTPS login to the PROD admin"):
+        page = browser.login_screenshot("https://shop.test/admin/", "admin", password,
+                                        ACME["root"], {"shop.test": host1.address}, screenshot)
+    assert page["url"] == "https://shop.test/admin/" and \
+        page["title"].startswith("Site administration"), page
+    cookies = {cookie["name"]: cookie for cookie in page["cookies"]}
+    assert cookies["shop_prod_sessionid"]["secure"] and cookies["shop_prod_sessionid"]["httpOnly"]
+    assert cookies["shop_prod_csrftoken"]["secure"]
+    assert os.path.getsize(screenshot) > 10000
+    TIMES["screenshot of the admin index"] = screenshot
+
+
+def test_forced_renewal_reloads_nginx_under_load(deployed, hosts):
+    host1 = hosts.hosts[0]
+    before = handshake(host1.address, "shop.test")
+    with Load(host1, "shop_prod", path="/") as load:
+        time.sleep(1)
+        with timed("forced certificate renewal under load"):
+            host1.run("certbot renew --force-renewal --cert-name shop_prod "
+                      "--no-random-sleep-on-renew", timeout=180)
+        time.sleep(1)
+    TIMES["renewal: requests / failed / longest (s)"] = "%d / %d / %.2f" % (
+        load.requests, load.failed, load.longest)
+    assert load.requests > 20 and load.failed == 0, (load.failed, load.errors[:5])
+    assert handshake(host1.address, "shop.test") != before  # nginx serves the new one
+    assert check_json(host1, "shop_prod", "shop")[0] == 0
+    timer = host1.run("systemctl is-enabled certbot.timer; systemctl is-active certbot.timer")
+    assert timer.stdout.split() == ["enabled", "active"]
 
 
 def check_json(host, name, repo):
@@ -401,9 +606,8 @@ def versions(repos):
 class Load:
     """N clients asking one installation through nginx, counting failed requests."""
 
-    def __init__(self, address, host_header, path="/notes/", clients=8):
-        self.address, self.host_header, self.path, self.clients = (
-            address, host_header, path, clients)
+    def __init__(self, host, name, path="/notes/", clients=8):
+        self.host, self.name, self.path, self.clients = host, name, path, clients
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.requests = self.failed = 0
@@ -414,8 +618,8 @@ class Load:
         while not self.stop.is_set():
             started = time.monotonic()
             try:
-                connection = http.client.HTTPConnection(self.address, 80, timeout=30)
-                connection.request("GET", self.path, headers={"Host": self.host_header})
+                connection, host_header = site(self.host, self.name)
+                connection.request("GET", self.path, headers={"Host": host_header})
                 response = connection.getresponse()
                 response.read()
                 connection.close()
@@ -450,7 +654,7 @@ def deployed_commit(host, name, repo):
 def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, versions, hosts):
     host1 = hosts.hosts[0]
     write_host_vars(workdir, repos, {"shop_prod": "v2"})
-    with Load(host1.address, "shop-prod.localhost") as load:
+    with Load(host1, "shop_prod") as load:
         time.sleep(1)
         with timed("upgrade of shop_prod under load (8 clients)"):
             rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
@@ -488,9 +692,8 @@ def test_failed_upgrade_rolls_back(branch, step, deployed, workdir, collections,
                      % (branch, step), output), output[-6000:]
     assert "rolled back to %s" % versions["v2"][:12] in output
     assert deployed_commit(host1, "shop_prod", "shop") == versions["v2"]
-    answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
-                 "-H", "Host: shop-prod.localhost", "http://%s/" % host1.address])
-    assert json.loads(answer.stdout)["name"] == "shop_prod"
+    status, _, body = get(host1, "shop_prod")
+    assert status == 200 and json.loads(body)["name"] == "shop_prod", body
     assert check_json(host1, "shop_prod", "shop")[0] == 0
     migrations = host1.run("runuser -u postgres -- psql -XtAc \"select name from "
                            "django_migrations where app = 'shop' order by name\" shop_prod")
@@ -516,10 +719,8 @@ def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, h
     assert check_json(host2, "feed_qual", "feed")[0] == 0
     assert host2.run("systemctl is-enabled feed_qual.socket").stdout.strip() == "enabled"
     for name in ("shop_dev", "feed_qual"):
-        answer = sh(["curl", "--silent", "--fail", "--max-time", "20", "--noproxy", "*",
-                     "-H", "Host: %s.localhost" % name.replace("_", "-"),
-                     "http://%s/" % host2.address])
-        assert json.loads(answer.stdout)["name"] == name
+        status, _, body = get(host2, name)
+        assert status == 200 and json.loads(body)["name"] == name, body
 
 
 def test_local_connection(deployed, hosts, repos, collections, wheelhouse):
