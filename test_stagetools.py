@@ -234,6 +234,8 @@ SHOP_PROD = {
     "database_name": "shop_prod", "database_user": "shop_prod",
     "database_sqlite_path": "/home/shop_prod/shop.sqlite",
     "database_socket_dir": "/var/run/postgresql",
+    # PROD's rule for this machine's cores (test_capacity__... covers other core counts)
+    "workers": min(2 * (os.cpu_count() or 1) + 1, 12), "threads": 4, "idle_stop": 0,
 }
 
 
@@ -257,6 +259,8 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "database_name": name, "database_user": name,
         "database_sqlite_path": f"{b}/{core_repo}.sqlite",
     }
+    if stage in ("dev", "int"):  # one worker, stopped when idle
+        values.update(workers=1, idle_stop=900)
     values.update(overrides)
     return {**SHOP_PROD, **values}
 
