@@ -176,6 +176,9 @@ _ACME_CHALLENGE_DIR = "/var/lib/stagetools/acme"
 _CERTIFICATE_DIR = "/etc/letsencrypt/live"  # certbot's, one directory per --cert-name
 _HOST_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _CERTIFICATE_MAX_BYTES = 1 << 16  # a chain of a few certificates is ~5 KiB
+# certbot renews 30 days before a 90-day certificate expires (a third of shorter ones' life):
+# fewer days left means renewal has failed for a while.
+_CERTIFICATE_DAYS_LEFT = 14
 # The group of the web server: it alone, besides root, may connect to the sockets.
 _WEB_GROUP = "www-data"
 _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
@@ -294,23 +297,32 @@ def _valid_host_names(names, kind="host name"):
     return names
 
 
+def _declared_host_names(given, declared, repo_dir):
+    """The declared host names; given ones only repeat them (in any order): the installation
+    itself reads the declaration, for Django's ALLOWED_HOSTS."""
+    declared_names = declared.get("host_names", ())
+    if given is not None and set(_valid_host_names(given)) != set(declared_names):
+        raise StagetoolsError(
+            f"host names {' '.join(given)}", f"the repo declares "
+            f"{'host_names = ' + ' '.join(declared_names) if declared_names else 'none'} in "
+            f"'{os.path.join(repo_dir, DECLARATION_FILE)}'", "declare them there (the "
+            "installation reads them too), then give the same or none")
+    return declared_names
+
+
 def _valid_choice(kind, value, choices):
     if value not in choices:
         raise StagetoolsError(f"invalid {kind} {value!r}", f"choose one of {', '.join(choices)}")
     return value
 
 
-def _chosen(kind, given, declared, default, repo_dir, choices=None, label=None):
-    """A choice: given or declared (the two may not disagree), else the default; one of
-    ``choices`` where the key has a table of them."""
+def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
+    """A choice: given or declared (the two may not disagree), else the default."""
     path = os.path.join(repo_dir, DECLARATION_FILE)
     if given is not None and kind in declared and given != declared[kind]:
-        declared_text = " ".join(declared[kind]) if kind == "host_names" else declared[kind]
         raise StagetoolsError(f"{kind} {given!r}", f"the repo declares {kind} = "
-                              f"{declared_text} in '{path}'",
+                              f"{declared[kind]} in '{path}'",
                               f"leave the {kind} out: the declaration says it")
-    if choices is None:
-        return declared.get(kind, default) if given is None else given
     if given is None and declared.get(kind, default) not in choices:  # server = uvicorn, Flask
         raise _BadDeclaration(f"the declaration '{path}'", f"{kind} = {declared[kind]} is not "
                               f"a {label or kind}", f"choose one of {', '.join(choices)}")
@@ -561,9 +573,7 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
     server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
                      f"server for {framework}")
     database = _chosen("database", database, declared, "sqlite", core_repo_dir, DATABASES)
-    if host_names is not None:
-        host_names = _valid_host_names(host_names)
-    host_names = _chosen("host_names", host_names, declared, (), core_repo_dir)
+    host_names = _declared_host_names(host_names, declared, core_repo_dir)
     workers, threads, idle_stop = _capacity(stage, server, declared, core_repo_dir)
     entry_module = "stagetools_django" if framework == "django" else core_app
     asgi_application, wsgi_application = (
@@ -1168,10 +1178,10 @@ def _check_rendered_files(expected):
 
 
 def _check_certificate(expected):
-    """With HTTPS: the certificate nginx serves is there, has not expired, and covers every
-    host name."""
+    """With HTTPS, as root (certbot keeps live/ to root): the certificate nginx serves is
+    there, is not about to expire, and covers every host name."""
     import time
-    if not expected.is_https:
+    if not expected.is_https or os.geteuid() != 0:
         return []
     path = expected.certificate_dir / "fullchain.pem"
     what, wanted = f"certificate {path}", "a certificate"
@@ -1187,7 +1197,9 @@ def _check_certificate(expected):
     lacking = [name for name in expected.host_names if name not in names
                and f"*.{name.partition('.')[2]}" not in names]
     expiry = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
-    return [_fact(f"{what} expiry", "not expired", not_after > time.time(), f"expired {expiry}"),
+    left = f"not expiring within {_CERTIFICATE_DAYS_LEFT} days"
+    return [_fact(f"{what} expiry", left, not_after > time.time() + _CERTIFICATE_DAYS_LEFT * 86400,
+                  f"expires {expiry}" if not_after > time.time() else f"expired {expiry}"),
             _fact(f"{what} names", f"covers {' '.join(expected.host_names)}", not lacking,
                   f"lacks {' '.join(lacking)}")]
 
@@ -1222,8 +1234,12 @@ def _certificate_expiry_and_names(pem):
         fields = list(children(tbs[1], tbs[2]))
         fields = fields[1:] if fields[0][0] == 0xA0 else fields  # the version is optional
         tag, start, stop = list(children(*fields[3][1:]))[1]  # validity: notBefore, notAfter
-        not_after = calendar.timegm(time.strptime(der[start:stop].decode("ascii"), (
-            "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ")))  # UTCTime or GeneralizedTime
+        text = der[start:stop].decode("ascii")
+        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, 50 to 99 are 19YY (RFC 5280, 4.1.2.5.1)
+            text = ("19" if text[:2] >= "50" else "20") + text
+        if not (len(text) == 15 and text[:14].isdigit() and text[14] == "Z"):
+            raise ValueError(f"not a time of RFC 5280: {text!r}")
+        not_after = calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ"))
         names = []
         for tag, start, stop in fields[6:]:
             if tag != 0xA3:  # extensions, explicitly tagged [3]
@@ -1366,6 +1382,7 @@ def _is_probe_answer(answer, expected, paths):
             and all(type(value) is type(wanted[key]) for key, value in system.items())
             and all(type(path) is str and type(text) is str
                     for path, text in system["services"].items())
+            and all(type(name) is str for name in system["host_names"])
             and isinstance(writable, dict) and set(writable) == set(paths)
             and all(type(value) is bool for value in writable.values()))
 

@@ -437,7 +437,10 @@ def obeys_the_rules(field, value):
 @given(field=st.sampled_from(sorted(PLACEHOLDERS)), value=ANY_VALUE)
 def test_any_value__refused_or_rendered_on_its_own_lines_only(field, value):
     assume(value != "")  # the same as not given: the default
-    given = (lambda value: {field: [value] if field == "host_names" else value})
+    # Host names come from the declaration (given ones only repeat it): its parser's value.
+    given = (lambda value: {"declared": {"host_names": stagetools._DECLARED["host_names"](value)}}
+             if field == "host_names" else {field: value})
+    assume(field != "host_names" or not any(char.isspace() for char in value))  # 2 names
     try:
         files = stagetools.get_expected_system_from_name("x_prod", **given(value)).services
     except stagetools.StagetoolsError as error:
@@ -578,14 +581,19 @@ def test_host_names__declared_given_or_refused(tmp_path):
         "shop_qual": ((), False)}
     assert expected["shop_prod"].as_dict()["host_names"] == ["shop.example.com",
                                                             "www.shop.example.com"]
-    # Given again: the same names are fine, others are refused, as for every declared choice.
+    # Given again (a deploy tool's inventory): the same names in any order are fine; others,
+    # or names the repo does not declare, are refused: the installation would not know them.
     again = stagetools.get_expected_system_from_name(
-        "shop_prod", base_dir=tmp_path, host_names=["shop.example.com", "www.shop.example.com"])
+        "shop_prod", base_dir=tmp_path, host_names=["www.shop.example.com", "shop.example.com"])
     assert again == expected["shop_prod"]
     with pytest.raises(stagetools.StagetoolsError, match="the repo declares host_names = "
                        "shop.example.com www.shop.example.com in"):
         stagetools.get_expected_system_from_name("shop_prod", base_dir=tmp_path,
                                                  host_names=["shop.example.com"])
+    result = cli("show", "shop_qual", "--expected", "--base-dir", tmp_path, "--host-name",
+                 "shop.example.com")
+    assert result.returncode == 2 and "shop.example.com: the repo declares none in" \
+        in result.stderr and "declare them there" in result.stderr, result.stderr
     for name, rule in BAD_HOST_NAMES.items():
         result = cli("show", "shop_qual", "--expected", "--host-name", "ok.example.com",
                      f"--host-name={name}")
@@ -603,10 +611,11 @@ def test_host_names__declared_given_or_refused(tmp_path):
 
 
 def test_sites__https_for_qual_and_prod_with_names_a_default_site_for_the_rest():
-    names = ["shop.example.com", "www.shop.example.com"]
-    prod = stagetools.get_expected_system_from_name("shop_prod", host_names=names)
-    dev = stagetools.get_expected_system_from_name("shop_dev", host_names=names[:1])
-    plain = stagetools.get_expected_system_from_name("shop_qual")
+    names = ("shop.example.com", "www.shop.example.com")
+    prod = stagetools.get_expected_system_from_name("shop_prod", declared={"host_names": names})
+    dev = stagetools.get_expected_system_from_name("shop_dev",
+                                                   declared={"host_names": names[:1]})
+    plain = stagetools.get_expected_system_from_name("shop_qual", declared={})
     site = {system.name: system.services[f"/etc/nginx/sites-available/{system.name}.conf"]
             for system in (prod, dev, plain)}
     https = site["shop_prod"]
@@ -653,13 +662,22 @@ def test_certificate_fields__as_the_ssl_module_reads_them(tmp_path):
                  path.read_text()[:200] + "\n-----END CERTIFICATE-----\n"):
         with pytest.raises(ValueError):
             stagetools._certificate_expiry_and_names(text)
+    # A UTCTime year of 50 to 99 is 19YY (RFC 5280): such a certificate expired long ago.
+    der = ssl.PEM_cert_to_DER_cert(make_certificate(tmp_path / "u", ["u.example"]).read_text())
+    not_after = time.strftime("%y%m%d%H%M", time.gmtime(
+        stagetools._certificate_expiry_and_names(ssl.DER_cert_to_PEM_cert(der))[0]))
+    assert der.count(not_after.encode()) == 1  # notBefore is 30 days earlier
+    old = ssl.DER_cert_to_PEM_cert(der.replace(not_after.encode(), b"5001010000"))
+    assert time.gmtime(stagetools._certificate_expiry_and_names(old)[0])[:5] == (
+        1950, 1, 1, 0, 0)
 
 
-def test_check__certificate_missing_expired_or_not_covering_a_name(tmp_path, monkeypatch):
+@needs_root  # certbot keeps its certificates to root: check reads them as root only
+def test_check__certificate_missing_expiring_or_not_covering_a_name(tmp_path, monkeypatch):
     import time as time_module
     monkeypatch.setattr(stagetools, "_CERTIFICATE_DIR", str(tmp_path / "live"))
     system = stagetools.get_expected_system_from_name(
-        "shop_prod", host_names=["shop.example.com", "www.shop.example.com"])
+        "shop_prod", declared={"host_names": ("shop.example.com", "www.shop.example.com")})
     live = Path(system.certificate_dir)
     what = f"certificate {live}/fullchain.pem"
 
@@ -676,11 +694,13 @@ def test_check__certificate_missing_expired_or_not_covering_a_name(tmp_path, mon
     assert facts() == {} and len(stagetools._check_certificate(system)) == 2
     make_certificate(archive, ["shop.example.com"])
     assert facts() == {f"{what} names": "lacks www.shop.example.com"}
-    make_certificate(archive, ["*.example.com"], days=1)  # one label per wildcard
+    make_certificate(archive, ["*.example.com"])  # one label per wildcard
     assert facts() == {f"{what} names": "lacks www.shop.example.com"}
+    make_certificate(archive, ["shop.example.com", "www.shop.example.com"], days=10)
+    assert list(facts()) == [f"{what} expiry"]  # renewal should have happened by now
+    assert facts()[f"{what} expiry"].startswith("expires ")
     real_time = time_module.time
-    monkeypatch.setattr(time_module, "time", lambda: real_time() + 2 * 86400)
-    assert list(facts()) == [f"{what} expiry", f"{what} names"]
+    monkeypatch.setattr(time_module, "time", lambda: real_time() + 11 * 86400)
     assert facts()[f"{what} expiry"].startswith("expired ")
     monkeypatch.undo()
     monkeypatch.setattr(stagetools, "_CERTIFICATE_DIR", str(tmp_path / "live"))
@@ -690,7 +710,8 @@ def test_check__certificate_missing_expired_or_not_covering_a_name(tmp_path, mon
     (archive / "cert.pem").unlink()
     (archive / "cert.pem").write_text("not a certificate")
     assert facts() == {what: "no PEM certificate in it"}
-    plain = stagetools.get_expected_system_from_name("shop_dev", host_names=["x.example.com"])
+    plain = stagetools.get_expected_system_from_name(
+        "shop_dev", declared={"host_names": ("x.example.com",)})
     assert stagetools._check_certificate(plain) == []  # no HTTPS, no certificate
 
 
@@ -699,8 +720,8 @@ def test_settings_defaults__allowed_hosts_and_trusted_origins_follow_the_names(t
     import stagetools_django
     names = ["shop.example.com", "www.shop.example.com"]
     for name, scheme in (("shop_prod", "https"), ("shop_dev", "http")):
-        system = stagetools.get_expected_system_from_name(name, base_dir=tmp_path / name,
-                                                          host_names=names)
+        system = stagetools.get_expected_system_from_name(
+            name, base_dir=tmp_path / name, declared={"host_names": tuple(names)})
         system.base_dir.mkdir()
         settings = stagetools_django.settings_defaults("sqlite", system=system)
         assert settings["ALLOWED_HOSTS"][:2] == names

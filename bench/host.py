@@ -114,8 +114,8 @@ def report(site, rows, names, seconds, connections, idle, smoke):
     today = len(names) * busy[base]
     print()
     print("Memory, sum of RSS of the %d installations' processes: busy %.0f MiB, idle %.0f MiB "
-          "(%d DEV/INT stopped); today's units (1 worker each, always up: %d x %s's "
-          "%.0f MiB) %.0f MiB, busy or idle."
+          "(%d DEV/INT stopped); today's units, computed from one measured (1 worker each, "
+          "always up: %d x %s's %.0f MiB): %.0f MiB, busy or idle."
           % (len(names), sum(busy.values()) / 1024, idle_total / 1024, len(idlers), len(names),
              base, busy[base] / 1024, today / 1024))
     print("Per installation, busy (MiB): " + ", ".join(

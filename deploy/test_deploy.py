@@ -793,3 +793,47 @@ def test_audit_of_a_host_with_20_installations(deployed, workdir, collections, i
     assert rc != 0
     assert re.search(r'"blog_d1\s+1 of \d+ checks differ: secret_key_path mode', output), \
         output[-3000:]
+
+
+def test_names_added_taken_and_removed(deployed, workdir, collections, inventory, repos, hosts):
+    """blog_prod, on HTTP so far, declares a name: HTTPS at the first deploy; a name another
+    site serves: refused before nginx changes, rolled back; no names again: HTTP, and no
+    certificate kept."""
+    host1 = hosts.hosts[0]
+    ACME["server"].add_a("blog.test", host1.address)
+    blog = repos["blog"]
+    base = git(blog, "rev-parse", "main")
+
+    def deploy(branch, names):
+        declaration = DECLARATIONS["blog"] + ("[blog_prod]\nhost_names = %s\n" % names
+                                              if names else "")
+        commit_on_branch(blog, branch, base, {"stagetools.ini": declaration},
+                         "blog_prod: host names %s" % names)
+        only_blog = [{"name": "blog_prod", "repo": blog, "version": branch}]
+        return playbook(workdir, collections, inventory, "--limit", "host1", "-e",
+                        json.dumps({"stagetools_installations": only_blog}))
+
+    rc, output, _ = deploy("named", "blog.test")
+    assert rc == 0, output[-6000:]
+    connection = SiteConnection(host1.address, "blog.test")  # verified against pebble's root
+    connection.request("GET", "/", headers={"Host": "blog.test"})
+    assert json.loads(connection.getresponse().read())["name"] == "blog_prod"
+    assert check_json(host1, "blog_prod", "blog")[0] == 0
+
+    rc, output, _ = deploy("taken", "shop.test")
+    assert rc != 0
+    assert "another nginx site serves its names: /etc/nginx/sites-enabled/shop_prod.conf " \
+        "serves shop.test" in output, output[-3000:]
+    assert "rolled back to" in output
+    assert handshake(host1.address, "blog.test") and handshake(host1.address, "shop.test")
+    status, _, body = get(host1, "shop_prod")
+    assert status == 200 and json.loads(body)["name"] == "shop_prod"
+
+    rc, output, _ = deploy("unnamed", "")
+    assert rc == 0, output[-6000:]
+    status, _, body = get(host1, "blog_prod")
+    assert status == 200 and json.loads(body)["name"] == "blog_prod"
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        handshake(host1.address, "blog.test")
+    assert host1.run("ls /etc/letsencrypt/renewal").stdout.split() == ["shop_prod.conf"]
+    assert check_json(host1, "blog_prod", "blog")[0] == 0
