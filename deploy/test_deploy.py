@@ -806,7 +806,7 @@ def test_names_added_taken_and_removed(deployed, workdir, collections, inventory
 
     def deploy(branch, names):
         declaration = DECLARATIONS["blog"] + ("[blog_prod]\nhost_names = %s\n" % names
-                                              if names else "")
+                                              if names else "# blog_prod: no host names\n")
         commit_on_branch(blog, branch, base, {"stagetools.ini": declaration},
                          "blog_prod: host names %s" % names)
         only_blog = [{"name": "blog_prod", "repo": blog, "version": branch}]
