@@ -1027,14 +1027,17 @@ def _render_site(system):
     locations = _fill(_NGINX_LOCATIONS, name=system.name, static_url=system.static_url,
                       static_dir=system.static_dir, media_url=system.media_url,
                       media_dir=system.media_dir)
-    names = list(system.host_names)
     if not system.is_https:
-        names.insert(0, f"{system.container}.localhost")
-    upstream = _fill(_NGINX_UPSTREAM, name=system.name, socket_path=system.socket_path)
-    return _fill(_NGINX_HTTPS_SITE if system.is_https else _NGINX_HTTP_SITE, name=system.name,
-                 upstream=upstream, server_names=" ".join(names),
-                 certificate_dir=system.certificate_dir,
-                 acme_challenge_dir=system.acme_challenge_dir, locations=locations)
+        return _fill(_NGINX_SITE, name=system.name, what=_NGINX_HTTP_WHAT,
+                     socket_path=system.socket_path, port_80=locations, https_server="",
+                     server_names=" ".join([f"{system.container}.localhost",
+                                            *system.host_names]))
+    names = " ".join(system.host_names)
+    return _fill(_NGINX_SITE, name=system.name, what=_NGINX_HTTPS_WHAT,
+                 socket_path=system.socket_path, server_names=names,
+                 port_80=_fill(_NGINX_TO_HTTPS, acme_challenge_dir=system.acme_challenge_dir),
+                 https_server=_fill(_NGINX_HTTPS_SERVER, server_names=names,
+                                    certificate_dir=system.certificate_dir, locations=locations))
 
 
 def render_starter(system, requirements=None):
@@ -1939,35 +1942,31 @@ _TMPFILES = """\
 d $run_dir 0750 $user $web_group -
 d $media_dir 2750 $user $web_group -
 """
-_NGINX_UPSTREAM = """\
+# The site: on port 80 the locations (HTTP), or challenges and a redirect to the HTTPS
+# server that follows (QUAL and PROD with host names; certbot's certificate, webroot method).
+_NGINX_SITE = """\
+# nginx site of $name (stagetools): $what
 upstream $name {
     server unix:$socket_path fail_timeout=0;
 }
-"""
-_NGINX_HTTP_SITE = """\
-# nginx site of $name (stagetools): HTTP. QUAL and PROD with host_names declared get HTTPS.
-$upstream
+
 server {
     listen 80;
     listen [::]:80;
     server_name $server_names;
-$locations}
-"""
-# The certificate is certbot's (webroot method); its renewal reloads nginx.
-_NGINX_HTTPS_SITE = """\
-# nginx site of $name (stagetools): HTTPS, with certbot's certificate for its host names.
-$upstream
-server {
-    listen 80;
-    listen [::]:80;
-    server_name $server_names;
+$port_80}
+$https_server"""
+_NGINX_HTTP_WHAT = "HTTP. QUAL and PROD with host_names declared get HTTPS."
+_NGINX_HTTPS_WHAT = "HTTPS, with certbot's certificate for its host names."
+_NGINX_TO_HTTPS = """\
     location /.well-known/acme-challenge/ {
         root $acme_challenge_dir;
     }
     location / {
         return 301 https://$$host$$request_uri;
     }
-}
+"""
+_NGINX_HTTPS_SERVER = """\
 
 server {
     listen 443 ssl;
