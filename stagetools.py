@@ -142,8 +142,9 @@ def _declared_number(key, largest):
 
 
 def _declared_idle_stop(value):
-    """idle_stop = seconds without a request before a DEV or INT stops, or never: int, 0 never."""
-    if value == "never":
+    """idle_stop = seconds without a request before a DEV or INT stops, or never (0, as the
+    field says it): int, 0 never."""
+    if value in ("never", "0"):
         return 0
     if not (value.isascii() and value.isdigit() and 1 <= int(value) <= _MAX_IDLE_STOP):
         raise StagetoolsError(f"idle_stop = {value!r}", "neither never nor seconds from 1 to "
@@ -960,15 +961,14 @@ def _render_units(system, user_unit):
     if user_unit:
         socket_path, socket_access = f"%t/{system.name}/{system.name}.sock", _USER_SOCKET_ACCESS
         identity, wanted_by = "", "default"
-        hardening = "".join(line + "\n" for line in _HARDENING.splitlines()
-                            if line.partition("=")[0] in _USER_UNIT_DIRECTIVES)
+        hardening = _hardening(system, _USER_UNIT_DIRECTIVES.__contains__)
     else:
         socket_path, socket_access = system.socket_path, _fill(_SYSTEM_SOCKET_ACCESS,
                                                                web_group=_WEB_GROUP)
         identity, wanted_by = f"User={system.user}\nGroup={system.group}\n", "multi-user"
-        hardening = _fill(_HARDENING, base_dir=system.base_dir)
+        hardening = _hardening(system)
     if idle:
-        socket_access += f"\nService={system.name}-proxy.service"
+        socket_access += _fill(_IDLE_SOCKET_SERVICE, name=system.name)
     socket = _fill(_SOCKET_UNIT, name=system.name, socket_path=socket_path,
                    socket_access=socket_access)
     service = _fill(_SERVICE_UNIT, name=system.name, server=system.server,
@@ -981,6 +981,12 @@ def _render_units(system, user_unit):
     return socket, service
 
 
+def _hardening(system, keep=None):
+    """_HARDENING filled in for the system: the lines whose directive ``keep`` takes, or all."""
+    lines = _fill(_HARDENING, base_dir=system.base_dir).splitlines()
+    return "".join(line + "\n" for line in lines if keep is None or keep(line.partition("=")[0]))
+
+
 def _render_idle_units(system):
     """An installation that stops when idle: NAME.socket (nginx's) starts NAME-proxy.service,
     systemd-socket-proxyd, which requires NAME.service and passes each connection on to its
@@ -991,8 +997,8 @@ def _render_idle_units(system):
     app_socket = _fill(_SOCKET_UNIT, name=f"{name} app", socket_path=backend,
                        socket_access=_fill(_APP_SOCKET_ACCESS, name=name, user=system.user,
                                            group=system.group))
-    hardening = "".join(line + "\n" for line in _HARDENING.splitlines()
-                        if line.partition("=")[0] not in _PROXY_REPLACES) + _PROXY_HARDENING
+    hardening = _hardening(system, lambda directive: directive not in _PROXY_REPLACES) \
+        + _PROXY_HARDENING
     proxy = _fill(_PROXY_SERVICE_UNIT, name=name, idle_stop=system.idle_stop,
                   user=system.user, group=system.group, proxyd=_SOCKET_PROXYD,
                   backend=backend, hardening=hardening)
@@ -1926,6 +1932,9 @@ SocketUser=$user
 SocketGroup=$group
 SocketMode=0600
 Service=$name.service"""
+# nginx's socket of an installation that stops when idle starts the proxy, not the app.
+_IDLE_SOCKET_SERVICE = """
+Service=$name-proxy.service"""
 _PROXY_REPLACES = {"ProtectHome", "BindPaths", "ReadOnlyPaths", "RestrictAddressFamilies"}
 _PROXY_HARDENING = """\
 ProtectHome=yes

@@ -19,7 +19,9 @@ import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, "deploy"))
+sys.path.insert(0, TOP)
 import hostbench  # noqa: E402
+import stagetools  # noqa: E402
 
 # Each configuration is an installation of the same repo, declared in its stagetools.ini.
 DECLARATION = """[stagetools]
@@ -107,7 +109,12 @@ def report(site, rows, names, seconds, connections, idle, smoke):
         assert site.get(name, "/")[0] == 200, name
     time.sleep(1)
     busy = {name: site.rss_kib([name]) for name in names}
-    idlers = [name for name in names if name.split("_")[1][0] in "di"]
+    # Those that stop when idle, as the declaration above says (stagetools reads it).
+    with tempfile.NamedTemporaryFile("w", suffix=".ini") as declaration:
+        declaration.write(DECLARATION.format(idle=idle))
+        declaration.flush()
+        idlers = [name for name in names if stagetools.read_declaration(
+            None, name, declaration.name).get("idle_stop")]
     for name in idlers:
         assert site.wait_until_stopped(name, idle + 60) is not None, name + " did not stop"
     idle_total = site.rss_kib(names)

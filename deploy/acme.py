@@ -43,6 +43,8 @@ prompt = no
 basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
+# The hosts trust it for the API's address alone, not for any name.
+nameConstraints = critical, permitted;IP:%s/255.255.255.255
 [server]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -181,7 +183,7 @@ class AcmeServer:
         """A throwaway CA and, signed by it, the API's certificate for the listen address."""
         config = os.path.join(self.workdir, "openssl.cnf")
         with open(config, "w") as f:
-            f.write(OPENSSL_CONFIG % self.address)
+            f.write(OPENSSL_CONFIG % (self.address, self.address))
         common = ["openssl", "req", "-x509", "-config", config, "-nodes", "-days", "30",
                   "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
         _run(common + ["-extensions", "ca", "-subj", "/CN=stagetools test ACME API CA",
@@ -191,6 +193,7 @@ class AcmeServer:
                        "-CA", self.api_ca_path, "-CAkey", os.path.join(self.workdir, "api-ca.key"),
                        "-keyout", os.path.join(self.workdir, "api.key"),
                        "-out", os.path.join(self.workdir, "api.pem")])
+        os.remove(os.path.join(self.workdir, "api-ca.key"))  # it signs nothing more
 
     def _spawn(self, name, args, env=None):
         with open(os.path.join(self.workdir, name + ".log"), "ab") as log:

@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -51,18 +50,6 @@ def shop_repo(workdir, declaration):
     return repo
 
 
-def wheelhouse():
-    """The wheels of test_deploy.py, in the same cache."""
-    key = testhosts.hashlib.sha256("\n".join(test_deploy.WHEELS).encode()).hexdigest()[:16]
-    path = os.path.join(testhosts.CACHE_DIR, "wheelhouse-" + key)
-    if not os.path.exists(os.path.join(path, "complete")):
-        shutil.rmtree(path, ignore_errors=True)
-        test_deploy.sh([sys.executable, "-m", "pip", "download", "--quiet", "--dest", path]
-                       + test_deploy.WHEELS)
-        open(os.path.join(path, "complete"), "w").close()
-    return path
-
-
 class Deployment:
     """One booted host with the named installations of the shop repo, deployed by the role."""
 
@@ -74,7 +61,8 @@ class Deployment:
         started = time.monotonic()
         testhosts.build_image(log=self.log)
         self.testhosts = testhosts.TestHosts(os.path.join(self.workdir, "hosts"),
-                                             wheelhouse=wheelhouse(), log=self.log)
+                                             wheelhouse=test_deploy.cached_wheelhouse(),
+                                             log=self.log)
         self.testhosts.__enter__()
         try:
             self.host, = self.testhosts.boot(1)
@@ -171,11 +159,17 @@ def wrk(address, name, path, seconds, connections, threads=2):
     result = subprocess.run(
         ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % seconds, "--latency",
          "--timeout", "30s", "-H", "Host: " + host_name(name),
-         "http://%s%s" % (address, path)], capture_output=True, text=True, check=True,
+         "http://%s%s" % (address, path)], capture_output=True, text=True,
         timeout=seconds + 60)
     out = result.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    value, unit = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if result.returncode != 0 or not rps or not p99 or float(rps.group(1)) == 0:
+        raise RuntimeError("wrk %s%s gave no rate and 99th percentile (exit %d): %s"
+                           % (host_name(name), path, result.returncode,
+                              (result.stderr or out).strip()[-500:]))
+    rps = float(rps.group(1))
+    value, unit = p99.groups()
     p99 = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
     errors = 0
     for pattern in (r"Non-2xx or 3xx responses: (\d+)",

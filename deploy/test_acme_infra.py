@@ -123,9 +123,10 @@ class Nginx:
         path = os.path.join(directory, "nginx.conf")
         with open(path, "w") as f:
             f.write(config)
-        subprocess.run(["nginx", "-t", "-c", path], check=True, capture_output=True,
-                       timeout=30)
-        self.process = subprocess.Popen(["nginx", "-c", path], start_new_session=True,
+        # -e: its error log before the config is read is ours too, not the machine's.
+        command = ["nginx", "-c", path, "-e", os.path.join(directory, "nginx-start.log")]
+        subprocess.run(command + ["-t"], check=True, capture_output=True, timeout=30)
+        self.process = subprocess.Popen(command, start_new_session=True,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         try:

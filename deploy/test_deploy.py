@@ -179,8 +179,7 @@ def repos(workdir):
         return {k: f.result() for k, f in futures.items()}
 
 
-@pytest.fixture(scope="session")
-def wheelhouse():
+def cached_wheelhouse():
     """Wheels for the hosts, cached on the machine while the list stays the same."""
     key = testhosts.hashlib.sha256("\n".join(WHEELS).encode()).hexdigest()[:16]
     path = os.path.join(testhosts.CACHE_DIR, "wheelhouse-" + key)
@@ -189,6 +188,11 @@ def wheelhouse():
         sh([sys.executable, "-m", "pip", "download", "--quiet", "--dest", path] + WHEELS)
         open(os.path.join(path, "complete"), "w").close()
     return path
+
+
+@pytest.fixture(scope="session")
+def wheelhouse():
+    return cached_wheelhouse()
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +267,8 @@ def acme_server(workdir, hosts):
                                  log=lambda line: None)
         server.start()
     try:
-        ca = open(server.api_ca_path).read()
+        with open(server.api_ca_path) as f:
+            ca = f.read()
         for host in hosts.hosts:
             with open(os.path.join(host.root, "usr/local/share/ca-certificates/test-acme.crt"),
                       "w") as f:
@@ -425,11 +430,13 @@ def test_https_by_each_host_name_and_http_redirects(deployed, hosts):
             connection.request("GET", "/", headers={"Host": host_name})
             response = connection.getresponse()
             assert response.status == 200 and json.loads(response.read())["name"] == name
+            connection.close()
             plain = http.client.HTTPConnection(host.address, 80, timeout=20)
             plain.request("GET", "/admin/?next=/", headers={"Host": host_name})
             response = plain.getresponse()
             assert (response.status, response.getheader("Location")) == (
                 301, "https://%s/admin/?next=/" % host_name)
+            plain.close()
     # A DEV with a host name: plain HTTP by it, and no TLS site.
     status, _, body = get(host2, "shop_dev", host_header="dev.shop.test")
     assert status == 200 and json.loads(body)["name"] == "shop_dev"
@@ -619,12 +626,14 @@ class Load:
             started = time.monotonic()
             try:
                 connection, host_header = site(self.host, self.name)
-                connection.request("GET", self.path, headers={"Host": host_header})
-                response = connection.getresponse()
-                response.read()
-                connection.close()
+                try:
+                    connection.request("GET", self.path, headers={"Host": host_header})
+                    response = connection.getresponse()
+                    response.read()
+                finally:
+                    connection.close()
                 ok, error = response.status == 200, "status %d" % response.status
-            except OSError as exc:
+            except Exception as exc:  # any failure counts, none ends a client unseen
                 ok, error = False, repr(exc)
             with self.lock:
                 self.requests += 1
@@ -644,6 +653,7 @@ class Load:
         self.stop.set()
         for thread in self.threads:
             thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client hangs"
 
 
 def deployed_commit(host, name, repo):
