@@ -155,6 +155,7 @@ def _declared_idle_stop(value):
 # What a repo may declare in its stagetools.ini: each key's table of choices, or the
 # function that makes its value of the text (refusing what is not valid).
 _DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES,
+             "core_app": lambda text: _valid_module("core_app", text),
              "host_names": lambda text: _valid_host_names(text.split()),
              "workers": _declared_number("workers", _MAX_WORKERS),
              "threads": _declared_number("threads", _MAX_THREADS),
@@ -168,7 +169,6 @@ _DECLARATION_EXAMPLE = "[stagetools] then framework = django"
 _SECRET_KEY_MIN_LENGTH = 50
 _SECRET_KEY_MAX_BYTES = 4096  # a key is about 90; more is not a key
 _SYSTEM_UNIT_DIR = "/etc/systemd/system"
-_TMPFILES_DIR = "/etc/tmpfiles.d"
 _NGINX_DIR = "/etc/nginx/sites-available"
 # The host-wide nginx site that answers names no installation serves: never a name (a dash).
 _DEFAULT_SITE = "stagetools-default"
@@ -185,6 +185,11 @@ _WEB_GROUP = "www-data"
 _STEP_TIMEOUT = 1800  # seconds for one step of `new`: pip may download for a while
 _PROBE_OUTPUT_LIMIT = 1 << 20  # bytes an installation may print to `check`; an answer is ~10 KiB
 _PROBE_TIMEOUT = 60  # seconds
+# Root's record of what a deploy tool deployed, a file per installation (see _read_record):
+# `check` takes the declaration from there, never from the checkout its user could change.
+_RECORD_DIR = "/var/lib/stagetools/deployed"
+_RECORD_MAX_BYTES = 1 << 20
+_COMMIT_CHARACTERS = frozenset("0123456789abcdef")
 
 
 def parse_name(name):
@@ -244,6 +249,18 @@ def _valid_identifier(kind, value, name):
     return value
 
 
+def _valid_module(kind, value):
+    """A Python module path as ``python -m`` and INSTALLED_APPS take it: identifiers joined
+    by dots ('books', 'mysite.articles'); or a refusal."""
+    import keyword
+    if not (isinstance(value, str) and value.isascii() and all(
+            part.isidentifier() and not keyword.iskeyword(part) for part in value.split("."))):
+        raise StagetoolsError(f"invalid {kind} {value!r}", "it must be a Python module: "
+                              "identifiers (a-z, A-Z, 0-9, _; not a keyword) joined by dots",
+                              f"for example {kind} = books")
+    return value
+
+
 def _valid_base_dir(base_dir, name):
     """The base dir as it is written into units and sites, or a refusal."""
     base_dir = os.fspath(base_dir)
@@ -281,6 +298,9 @@ def _valid_host_names(names, kind="host name"):
             rule, fix = f"it has the characters {''.join(bad)!r}", "use a-z, 0-9, - and ."
         elif len(labels) < 2:
             rule, fix = "it has no dot", "give the public name, e.g. 'shop.example.com'"
+        elif labels[-1] == "localhost":  # NAME-with-dashes.localhost: every site's local name
+            rule, fix = "it is a local name (.localhost)", "give the public name, e.g. " \
+                "'shop.example.com'; each site answers NAME-with-dashes.localhost by itself"
         elif not all(labels):
             rule, fix = "it has an empty label", "give the name without a trailing dot"
         elif len(name) > 253 or max(len(label) for label in labels) > 63:
@@ -332,14 +352,8 @@ def _chosen(kind, given, declared, default, repo_dir, choices, label=None):
 
 def read_declaration(repo_dir, name=None, path=None):
     """The choices a repo declares in its ``stagetools.ini`` (or the file at ``path``) for
-    the installation ``name``: ``{key: value}``, empty without one.
-
-    ``[stagetools]`` holds the choices of every installation of the repo; a section named
-    after a stage (``[prod]``, ``[qual]``, ``[int]``, ``[dev]``) those of its stage; one
-    named after an installation (``[shop_dev]``) its own. The narrower section wins. A
-    strict subset of INI (configparser reads it too): ``key = value`` lines, ``#`` or
-    ``;`` comments. Parsed here, because every process start reads it and configparser's
-    import alone costs more than resolving."""
+    the installation ``name``: ``{key: value}``, empty without one. The file is looked at
+    before it is read (no link, FIFO or device); see ``parse_declaration``."""
     path = path or os.path.join(repo_dir, DECLARATION_FILE)
     if not os.path.lexists(path):  # cheaper than the exception below, at every start
         return {}
@@ -351,46 +365,68 @@ def read_declaration(repo_dir, name=None, path=None):
         return {}
     except StagetoolsError as error:
         raise _BadDeclaration(error.given, error.rule, error.fix) from None
+    return parse_declaration(text, name, given)
+
+
+def parse_declaration(text, name=None, given="the declaration"):
+    """The choices of a declaration's text for the installation ``name``: ``{key: value}``.
+
+    ``[stagetools]`` holds the choices of every installation of the repo; a section named
+    after a stage (``[prod]``, ``[qual]``, ``[int]``, ``[dev]``) those of its stage; one
+    named after an installation (``[shop_dev]``) its own. The narrower section wins. A
+    strict subset of INI (configparser reads it too): ``key = value`` lines, ``#`` or
+    ``;`` comments. Parsed here, because every process start reads it and configparser's
+    import alone costs more than resolving. ``given`` names the text in a refusal."""
     sections, section = {}, None
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        key, equals, value = line.partition("=")
-        key, value = key.strip(), value.strip()
         if not line or line[0] in "#;":
             continue
         if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1].strip()
-            if section in sections or not (section == "stagetools" or section in _STAGE_LABELS
-                                           or _name_problem(section) is None):
-                raise _BadDeclaration(given, f"line {number}: the section [{section}] is "
-                                      f"{'there twice' if section in sections else 'unknown'}",
-                                      "use [stagetools], [prod], [qual], [int], [dev] or "
-                                      "[NAME] of an installation, once each")
+            section = _declaration_section(line[1:-1].strip(), sections, given, number)
             sections[section] = {}
-        elif section is None or not equals:
+        elif section is None or "=" not in line:
             raise _BadDeclaration(given, f"line {number} is not 'key = value' in a section",
                                   f"for example: {_DECLARATION_EXAMPLE}")
-        elif key not in _DECLARED or key in sections[section]:
-            twice = key in sections[section]
-            raise _BadDeclaration(given, f"line {number}: {key!r} is "
-                                  f"{'declared twice' if twice else 'no choice'}",
-                                  f"declare each of {', '.join(_DECLARED)} once per section")
-        elif callable(_DECLARED[key]):
-            try:
-                sections[section][key] = _DECLARED[key](value)
-            except StagetoolsError as error:
-                raise _BadDeclaration(given, f"line {number}: {error.given}: {error.rule}",
-                                      error.fix) from None
-        elif value not in _DECLARED[key]:
-            raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
-                                  "choices", f"choose one of {', '.join(_DECLARED[key])}")
         else:
-            sections[section][key] = value
+            key, _, value = (part.strip() for part in line.partition("="))
+            sections[section][key] = _declared_value(key, value, sections[section], given,
+                                                     number)
     declared = dict(sections.get("stagetools", {}))
     if name is not None:
         declared.update(sections.get(parse_name(name)[2].label, {}))
         declared.update(sections.get(name, {}))
     return declared
+
+
+def _declaration_section(section, sections, given, number):
+    """A section's name, or the refusal of one that is unknown or there twice."""
+    if section in sections or not (section == "stagetools" or section in _STAGE_LABELS
+                                   or _name_problem(section) is None):
+        raise _BadDeclaration(given, f"line {number}: the section [{section}] is "
+                              f"{'there twice' if section in sections else 'unknown'}",
+                              "use [stagetools], [prod], [qual], [int], [dev] or [NAME] of an "
+                              "installation, once each")
+    return section
+
+
+def _declared_value(key, value, section, given, number):
+    """The value of ``key = value`` on line ``number``: one of the key's choices, or what its
+    validator makes of the text; or the refusal."""
+    if key not in _DECLARED or key in section:
+        raise _BadDeclaration(given, f"line {number}: {key!r} is "
+                              f"{'declared twice' if key in section else 'no choice'}",
+                              f"declare each of {', '.join(_DECLARED)} once per section")
+    if callable(_DECLARED[key]):
+        try:
+            return _DECLARED[key](value)
+        except StagetoolsError as error:
+            raise _BadDeclaration(given, f"line {number}: {error.given}: {error.rule}",
+                                  error.fix) from None
+    if value not in _DECLARED[key]:
+        raise _BadDeclaration(given, f"line {number}: {key} = {value!r} is none of the "
+                              "choices", f"choose one of {', '.join(_DECLARED[key])}")
+    return value
 
 
 # ---------------------------------------------------------------- errors
@@ -457,11 +493,13 @@ class System:
         "python_path": "the virtualenv's Python",
         "pip_path": "the virtualenv's pip",
         "core_repo_dir": "the repo: src/<core_repo>",
+        "releases_dir": "where a deploy builds the next release beside the running one, and "
+                        "keeps the previous one: <base_dir>/releases",
         "static_url": "the URL prefix of static files: 'static/'",
         "static_dir": "where collectstatic puts static files; nginx serves them",
         "media_url": "the URL prefix of uploads: 'media/'",
         "media_dir": "where uploads go; nginx serves them to the web, nobody else reads them",
-        "run_dir": "/run/<name>, the directory of the socket",
+        "run_dir": "/run/<name>, the directory of the socket: root's, made by systemd",
         "socket_path": "the Unix socket nginx connects to, held by systemd",
         "secret_key_path": "the file of the secret key, the user's alone",
         "certificate_dir": "certbot's directory of its certificate (fullchain.pem, privkey.pem)"
@@ -562,33 +600,27 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
                   framework=None, server=None, database=None, host_names=None, declared=None):
     configuration, stage_name, stage = parse_name(name)
     core_repo = _valid_identifier("core_repo", core_repo or configuration, name)
-    core_app = _valid_identifier("core_app", core_app or core_repo, name)
     base_dir = _valid_base_dir(base_dir, name)
     join = os.path.join
     bin_dir, src_dir, run_dir = join(base_dir, "bin"), join(base_dir, "src"), f"/run/{name}"
     core_repo_dir = join(src_dir, core_repo)
-    if declared is None:
-        declared = read_declaration(core_repo_dir, name)
-    framework = _chosen("framework", framework, declared, "django", core_repo_dir, FRAMEWORKS)
-    servers = FRAMEWORKS[framework]["servers"]
-    server = _chosen("server", server, declared, servers[0], core_repo_dir, servers,
-                     f"server for {framework}")
-    database = _chosen("database", database, declared, "sqlite", core_repo_dir, DATABASES)
-    host_names = _declared_host_names(host_names, declared, core_repo_dir)
-    workers, threads, idle_stop = _capacity(stage, server, declared, core_repo_dir)
-    entry_module = "stagetools_django" if framework == "django" else core_app
+    chosen = _choices(stage, core_repo, core_repo_dir, declared if declared is not None else
+                      read_declaration(core_repo_dir, name), core_app=core_app,
+                      framework=framework, server=server, database=database,
+                      host_names=host_names)
+    entry_module = "stagetools_django" if chosen["framework"] == "django" else chosen["core_app"]
     asgi_application, wsgi_application = (
         (f"{entry_module}:asgi_application", f"{entry_module}:wsgi_application")
-        if framework == "django" else (f"{entry_module}:application",) * 2)
+        if chosen["framework"] == "django" else (f"{entry_module}:application",) * 2)
     return System(
         name=name, name_source=name_source, user=user, group=group,
         container=name.replace("_", "-"), configuration=configuration,
-        stage_name=stage_name, stage=stage, core_repo=core_repo, core_app=core_app,
-        is_debug=stage in DEBUG_STAGES, framework=framework, server=server, database=database,
-        host_names=host_names, is_https=stage not in DEBUG_STAGES and bool(host_names),
+        stage_name=stage_name, stage=stage, core_repo=core_repo, is_debug=stage in DEBUG_STAGES,
+        is_https=stage not in DEBUG_STAGES and bool(chosen["host_names"]),
         base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
         src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
-        core_repo_dir=core_repo_dir, static_url="static/",
+        core_repo_dir=core_repo_dir, releases_dir=join(base_dir, "releases"),
+        static_url="static/",
         static_dir=join(base_dir, "static"), media_url="media/",
         media_dir=join(base_dir, "media"), run_dir=run_dir,
         socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
@@ -602,9 +634,33 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         database_name=name, database_user=name,
         database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
         # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).
-        database_socket_dir="/var/run/postgresql",
-        workers=workers, threads=threads, idle_stop=idle_stop,
-    )
+        database_socket_dir="/var/run/postgresql", **chosen)
+
+
+def _choices(stage, core_repo, repo_dir, declared, core_app, framework, server, database,
+             host_names):
+    """What the name cannot say: given (which may only repeat the declaration), declared,
+    else the defaults; core_app, framework, server, database, host names, capacity."""
+    framework = _chosen("framework", framework, declared, "django", repo_dir, FRAMEWORKS)
+    servers = FRAMEWORKS[framework]["servers"]
+    server = _chosen("server", server, declared, servers[0], repo_dir, servers,
+                     f"server for {framework}")
+    workers, threads, idle_stop = _capacity(stage, server, declared, repo_dir)
+    return dict(core_app=_declared_core_app(core_app, declared, core_repo, repo_dir),
+                framework=framework, server=server,
+                database=_chosen("database", database, declared, "sqlite", repo_dir, DATABASES),
+                host_names=_declared_host_names(host_names, declared, repo_dir),
+                workers=workers, threads=threads, idle_stop=idle_stop)
+
+
+def _declared_core_app(given, declared, core_repo, repo_dir):
+    """The core app: given or declared (the two may not disagree), else the core repo."""
+    if given is not None and "core_app" in declared and given != declared["core_app"]:
+        raise StagetoolsError(f"core_app {given!r}", f"the repo declares core_app = "
+                              f"{declared['core_app']} in "
+                              f"'{os.path.join(repo_dir, DECLARATION_FILE)}'",
+                              "give the same core_app or none: the declaration says it")
+    return _valid_module("core_app", given or declared.get("core_app") or core_repo)
 
 
 def _host_cores():
@@ -871,6 +927,72 @@ def _create_secret_file(path):
         os.unlink(temporary)
 
 
+def _read_record(name):
+    """Root's record of the installation ``name``, or None: ``{"name", "commit", "repo",
+    "version", "core_repo", "declaration" (the text of that commit's stagetools.ini, or
+    None), "previous" (the same keys of the commit before, or None), "deployed_at"}``. A
+    record that is not root's, or not of that shape, is refused."""
+    import json
+    parse_name(name)  # a name, before it becomes a path
+    path = os.path.join(_RECORD_DIR, f"{name}.json")
+    given, fix = f"the record '{path}'", "deploy the installation again; it writes the record"
+
+    def roots(info):
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            raise StagetoolsError(given, "it is not root's alone", fix)
+
+    try:
+        record = json.loads(_read_regular_file(path, given, _RECORD_MAX_BYTES, fix, roots))
+    except FileNotFoundError:
+        return None
+    except ValueError as error:  # also JSON's
+        raise StagetoolsError(given, getattr(error, "rule", "it is not JSON"), fix) from None
+    if not (_is_deployment(record) and record["name"] == name
+            and (record["previous"] is None or _is_deployment(record["previous"]))):
+        raise StagetoolsError(given, "it is not a record of stagetools", fix)
+    return record
+
+
+def _is_deployment(record):
+    """Whether a record (or its previous deployment) has the record's shape."""
+    fields = {"name": str, "commit": str, "repo": str, "version": str, "core_repo": str,
+              "declaration": (str, type(None)), "previous": (dict, type(None)),
+              "deployed_at": str}
+    return (isinstance(record, dict) and set(record) == set(fields)
+            and all(isinstance(record[key], kind) for key, kind in fields.items())
+            and len(record["commit"]) == 40 and set(record["commit"]) <= _COMMIT_CHARACTERS
+            and _name_problem(record["name"]) is None and record["core_repo"].isidentifier())
+
+
+def _write_record(record):
+    """Write root's record of an installation (the shape of _read_record) in one step."""
+    import json
+    if not _is_deployment(record):
+        raise StagetoolsError("the record", "it does not have a record's shape", None)
+    os.makedirs(_RECORD_DIR, mode=0o755, exist_ok=True)
+    path = os.path.join(_RECORD_DIR, f"{record['name']}.json")
+    temporary = f"{path}.{os.getpid()}"
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                      0o644), "w", encoding="utf-8") as file:
+        json.dump(record, file, indent=2)
+        file.write("\n")
+    os.replace(temporary, path)
+
+
+def _expected_from_record(record, core_repo=None, **given):
+    """The expected system of a recorded installation: its deployed commit's declaration
+    (as root kept it) and core repo; ``given`` choices may only repeat them."""
+    name, commit = record["name"], record["commit"][:12]
+    if core_repo not in (None, record["core_repo"]):
+        raise StagetoolsError(f"core_repo {core_repo!r}", f"{name} was deployed with "
+                              f"core_repo {record['core_repo']!r} (root's record)",
+                              "leave --core-repo out")
+    declared = parse_declaration(record["declaration"] or "", name,
+                                 f"the declaration of {name}'s deployed commit {commit}")
+    return get_expected_system_from_name(name, core_repo=record["core_repo"],
+                                         declared=declared, **given)
+
+
 def database_url(system, database=None):
     """The database URL of the installation, for apps that take one (Flask, Starlette);
     ``database`` defaults to the system's (the declared one)."""
@@ -939,13 +1061,14 @@ def _fill(template, **values):
     return string.Template(template).substitute(values)
 
 
-def _server_command(system, host=None, port=None, server=None):
+def _server_command(system, host=None, port=None, server=None, workers=None):
     """The command that serves the installation with its server (or ``server``): on
-    systemd's socket with its workers and threads, or on host:port with the server's own."""
+    systemd's socket with its workers (or ``workers``) and threads, or on host:port with the
+    server's own."""
     server = server or system.server
     application = system.wsgi_application if SERVERS[server]["interface"] == "wsgi" \
         else system.asgi_application
-    where = [part.format(workers=system.workers, threads=system.threads)
+    where = [part.format(workers=workers or system.workers, threads=system.threads)
              for part in SERVERS[server]["on_socket"] + SERVERS[server]["capacity"]] \
         if host is None else \
         [part.format(host=host, port=port) for part in SERVERS[server]["on_port"]]
@@ -1016,15 +1139,16 @@ def _render_services(system):
         f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
         f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
         **(_render_idle_units(system) if system.idle_stop else {}),
-        f"{_TMPFILES_DIR}/{name}.conf": _fill(_TMPFILES, run_dir=system.run_dir,
-                                             media_dir=system.media_dir, user=system.user,
-                                             web_group=_WEB_GROUP),
         f"{_NGINX_DIR}/{name}.conf": _render_site(system),
-        f"{_NGINX_DIR}/{_DEFAULT_SITE}.conf": _fill(_NGINX_DEFAULT_SITE,
-                                                    acme_challenge_dir=_ACME_CHALLENGE_DIR),
+        f"{_NGINX_DIR}/{_DEFAULT_SITE}.conf": _render_default_site(),
         os.path.join(user_dir, f"{name}.socket"): user_socket,
         os.path.join(user_dir, f"{name}.service"): user_service,
     }
+
+
+def _render_default_site():
+    """The host's nginx default site, the same for every installation."""
+    return _fill(_NGINX_DEFAULT_SITE, acme_challenge_dir=_ACME_CHALLENGE_DIR)
 
 
 def _render_site(system):
@@ -1084,6 +1208,9 @@ def render_starter(system, requirements=None):
 # (what, expected, actual); a fact holds when actual is expected. Checks change nothing.
 
 _DIRECTORY, _REGULAR_FILE, _MISSING = "a directory", "a regular file", "missing"
+# What the installation's own process must resolve as the deploy side did: every field but
+# where its name came from (the rendered files are compared on disk).
+_PROBED_FIELDS = [field for field in System.FIELDS if field != "name_source"]
 _NO_ACCESS_FOR_GROUP_AND_OTHERS, _NO_ACCESS_FOR_OTHERS = \
     "no access for group and others", "no access for others"
 
@@ -1146,6 +1273,47 @@ def _check_code(expected):
             _fact("core_repo_dir", _DIRECTORY, repo == _DIRECTORY, repo)]
 
 
+def _check_layout(expected):
+    """The virtualenv's and the installation's own directories are directories and
+    pyvenv.cfg a file: none is a link, behind which another user's files could stand."""
+    wanted = [(field, _DIRECTORY) for field in ("bin_dir", "lib_dir", "src_dir", "static_dir",
+                                                "media_dir")]
+    facts = [_fact(field, kind, _file_kind(getattr(expected, field)) == kind,
+                   _file_kind(getattr(expected, field))) for field, kind in wanted]
+    pyvenv = os.path.join(expected.venv_dir, "pyvenv.cfg")
+    return facts + [_fact(pyvenv, _REGULAR_FILE, _file_kind(pyvenv) == _REGULAR_FILE,
+                          _file_kind(pyvenv))]
+
+
+def _check_units(expected):
+    """Where systemd runs (a host booted with it): the socket is enabled and listening, and
+    no service of the installation has failed."""
+    import subprocess
+    if not os.path.isdir("/run/systemd/system"):  # sd_booted(): no systemd, no unit states
+        return []
+    units = [path.rpartition("/")[2] for path in expected.services
+             if path.startswith(_SYSTEM_UNIT_DIR + "/")]
+    try:
+        shown = subprocess.run(["systemctl", "show", "--property=Id,UnitFileState,ActiveState,"
+                                "SubState", "--", *units], capture_output=True, text=True,
+                               timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return [_fact(f"unit {units[0]}", "known to systemd", False, f"systemctl: {error}")]
+    states = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+              for block in shown.strip().split("\n\n")]
+    facts = []
+    for unit, state in zip(units, states):
+        actual = (f"{state.get('UnitFileState') or 'not installed'}, "
+                  f"{state.get('ActiveState')} ({state.get('SubState')})")
+        if unit == f"{expected.name}.socket":
+            facts.append(_fact(f"unit {unit}", "enabled, active (listening)",
+                               actual == "enabled, active (listening)", actual))
+        else:
+            facts.append(_fact(f"unit {unit}", "not failed", state.get("ActiveState") != "failed",
+                               actual))
+    return facts
+
+
 def _private_file(what, path, user):
     """A regular file (not a link) of ``user`` that group and others cannot use."""
     kind = _file_kind(path)
@@ -1172,11 +1340,11 @@ def _check_private_files(expected):
 
 
 def _check_rendered_files(expected):
-    """The units, the tmpfiles file and the nginx sites are byte for byte as rendered, and
+    """The units and the nginx sites are byte for byte as rendered, and
     the sites are enabled."""
     facts = []
     for path, text in expected.services.items():
-        if path.startswith((_SYSTEM_UNIT_DIR, _TMPFILES_DIR, _NGINX_DIR)):
+        if path.startswith((_SYSTEM_UNIT_DIR, _NGINX_DIR)):
             difference = _text_difference(path, text)
             facts.append(_fact(f"file {path}", "as rendered", difference is None, difference))
         if path.startswith(_NGINX_DIR):
@@ -1214,54 +1382,25 @@ def _check_certificate(expected):
 
 
 def _certificate_expiry_and_names(pem):
-    """(notAfter as POSIX time, subjectAltName DNS names) of the first certificate in PEM
-    text; ValueError if it holds none. The ssl module reads no certificate without a
-    connection: the two fields are found in the DER (RFC 5280, section 4.1)."""
-    import base64
+    """(notAfter as POSIX time, DNS names of subjectAltName) of the first certificate in PEM
+    text, as ``openssl x509`` reads them; ValueError if it reads none."""
     import calendar
+    import subprocess
     import time
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
-    if begin not in pem or end not in pem.partition(begin)[2]:
-        raise ValueError("no certificate")
-    der = base64.b64decode(pem.partition(begin)[2].partition(end)[0])
-
-    def element(at):  # (tag, where its content starts, where it ends)
-        tag, length, at = der[at], der[at + 1], at + 2
-        if length & 0x80:
-            length, at = int.from_bytes(der[at:at + (length & 0x7F)], "big"), at + (length & 0x7F)
-        if at + length > len(der):
-            raise ValueError("truncated")
-        return tag, at, at + length
-
-    def children(start, stop):
-        while start < stop:
-            yield element(start)
-            start = element(start)[2]
-
     try:
-        tbs = element(element(0)[1])
-        fields = list(children(tbs[1], tbs[2]))
-        fields = fields[1:] if fields[0][0] == 0xA0 else fields  # the version is optional
-        tag, start, stop = list(children(*fields[3][1:]))[1]  # validity: notBefore, notAfter
-        text = der[start:stop].decode("ascii")
-        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, 50 to 99 are 19YY (RFC 5280, 4.1.2.5.1)
-            text = ("19" if text[:2] >= "50" else "20") + text
-        if not (len(text) == 15 and text[:14].isdigit() and text[14] == "Z"):
-            raise ValueError(f"not a time of RFC 5280: {text!r}")
-        not_after = calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ"))
-        names = []
-        for tag, start, stop in fields[6:]:
-            if tag != 0xA3:  # extensions, explicitly tagged [3]
-                continue
-            for _, start, stop in children(*element(start)[1:]):
-                extension = list(children(start, stop))
-                if der[extension[0][1]:extension[0][2]] == b"\x55\x1d\x11":  # subjectAltName
-                    alternatives = element(extension[-1][1])
-                    names += [der[a:b].decode("ascii") for kind, a, b
-                              in children(*alternatives[1:]) if kind == 0x82]  # dNSName
-        return not_after, names
-    except (IndexError, UnicodeDecodeError) as error:
-        raise ValueError(f"not a certificate: {error}") from None
+        result = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-ext",
+                                 "subjectAltName"], input=pem, capture_output=True, text=True,
+                                timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError) as error:
+        raise ValueError(f"openssl x509 did not run: {error}") from None
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or not lines or not lines[0].startswith("notAfter="):
+        raise ValueError(f"openssl x509 read no certificate: {result.stderr.strip()[:200]}")
+    # notAfter=Feb 28 12:00:00 2027 GMT; the names on the line after the extension's title
+    not_after = calendar.timegm(time.strptime(lines[0][9:], "%b %d %H:%M:%S %Y GMT"))
+    names = [entry.strip()[4:] for line in lines[2:3] for entry in line.split(",")
+             if entry.strip().startswith("DNS:")] if len(lines) > 1 else []
+    return not_after, names
 
 
 def _text_difference(path, text):
@@ -1283,8 +1422,9 @@ def _text_difference(path, text):
 
 
 def _check_actual_system(expected):
-    """The installation's own Python, run as its user, resolves the expected system and
-    may write its directories; raises _CouldNotCheck if it gives no usable answer."""
+    """The installation's own Python, run as its user, resolves the expected system (as its
+    ``aaa_env_setup`` does) and may write its directories; raises _CouldNotCheck if it gives
+    no usable answer."""
     import grp
     import pwd
     resolved = "resolved by the installation's Python"
@@ -1295,17 +1435,21 @@ def _check_actual_system(expected):
     unsafe = _changeable_by_others(expected)
     if unsafe:  # root would run, as the user, what another user put there
         return [_fact("actual system", resolved, False, f"not asked: {unsafe}")]
-    paths = [str(expected.static_dir), str(expected.media_dir), str(expected.run_dir)]
+    paths = [str(expected.static_dir), str(expected.media_dir)]
     answer = _probe_actual_system(expected, paths)
     wanted = expected.as_dict()
+    versions = "" if answer["version"] == __version__ else \
+        f" (it runs stagetools {answer['version']}, this check {__version__})"
     facts = [_fact("actual system", resolved, True, None)]
-    facts += [_fact(f"actual {key}", wanted[key], value == wanted[key], value)
-              for key, value in answer["system"].items() if key != "name_source"]
+    for key in _PROBED_FIELDS:
+        value = answer["system"].get(key, _MISSING)
+        holds = type(value) is type(wanted[key]) and value == wanted[key]
+        facts.append(_fact(f"actual {key}", wanted[key], holds,
+                           value if value is _MISSING else f"{value}{versions}"))
     writable = "a directory writable by the user"
-    facts += [_fact(path, writable, os.path.isdir(path) and answer["writable"][path],
-                    _MISSING if not os.path.exists(path) else "not writable by the user")
-              for path in paths]
-    return facts
+    return facts + [_fact(path, writable, os.path.isdir(path) and answer["writable"][path],
+                          _MISSING if not os.path.exists(path) else "not writable by the user")
+                    for path in paths]
 
 
 def _changeable_by_others(expected):
@@ -1326,7 +1470,8 @@ def _changeable_by_others(expected):
     return None
 
 
-_CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_private_files,
+_CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_layout, _check_units,
+           _check_private_files,
            _check_rendered_files, _check_certificate, _check_actual_system)
 
 
@@ -1348,11 +1493,9 @@ def check_installation(expected):
 
 def _probe_actual_system(expected, paths):
     """What the installation's Python, run as its user, answers the probe. Nothing it
-    prints is trusted: an answer must have exactly the probe's shape."""
+    prints is trusted: an answer must have the probe's shape."""
     import json
-    options = {"repo": str(expected.core_repo_dir), "core_repo": expected.core_repo,
-               "core_app": expected.core_app, "framework": expected.framework,
-               "server": expected.server, "database": expected.database, "paths": paths}
+    options = {"repo": str(expected.core_repo_dir), "paths": paths}
     switch = {}
     if _process_user_and_group()[0] != expected.user:
         if os.geteuid() != 0:
@@ -1373,7 +1516,7 @@ def _probe_actual_system(expected, paths):
             answer = json.loads(stdout.decode("utf-8"))
         except (ValueError, RecursionError):  # also UnicodeDecodeError; nested too deep
             answer = None
-        if not _is_probe_answer(answer, expected, paths):
+        if not _is_probe_answer(answer, paths):
             problem = f"printed something else than its system: {stdout[:80]!r}"
     if problem is not None:
         raise _CouldNotCheck(f"could not check {expected.name}", f"its Python {problem}",
@@ -1381,17 +1524,16 @@ def _probe_actual_system(expected, paths):
     return answer
 
 
-def _is_probe_answer(answer, expected, paths):
-    """Whether ``answer`` has exactly the shape of what the probe prints."""
-    wanted = expected.as_dict()
-    if not (isinstance(answer, dict) and set(answer) == {"system", "writable"}):
+def _is_probe_answer(answer, paths):
+    """Whether ``answer`` has the shape of what the probe prints: a version, a system of
+    JSON scalars and lists of text (an older or newer stagetools may have other fields),
+    and whether each path is writable."""
+    if not (isinstance(answer, dict) and set(answer) == {"version", "system", "writable"}):
         return False
     system, writable = answer["system"], answer["writable"]
-    return (isinstance(system, dict) and set(system) == set(wanted)
-            and all(type(value) is type(wanted[key]) for key, value in system.items())
-            and all(type(path) is str and type(text) is str
-                    for path, text in system["services"].items())
-            and all(type(name) is str for name in system["host_names"])
+    return (type(answer["version"]) is str and isinstance(system, dict)
+            and all(type(value) in (str, int, bool, type(None)) or type(value) is list and all(
+                type(item) is str for item in value) for value in system.values())
             and isinstance(writable, dict) and set(writable) == set(paths)
             and all(type(value) is bool for value in writable.values()))
 
@@ -1530,7 +1672,10 @@ def _cmd_show(args):
                               "add --expected or leave it out")
     else:
         system = get_actual_system_from_name(args.name, **options)
-    print(json.dumps(system.as_dict(), indent=2) if args.json else _show_table(system))
+    # The JSON carries the version that made it: a deploy tool's and an installation's
+    # copies of stagetools may differ.
+    print(json.dumps(dict(system.as_dict(), stagetools_version=__version__), indent=2)
+          if args.json else _show_table(system))
     return 0
 
 
@@ -1570,6 +1715,9 @@ def _cmd_new(args):
                                            core_repo=args.core_repo, core_app=args.core_app,
                                            framework=args.framework, server=args.server,
                                            database=args.database)
+    if "." in system.core_app:
+        raise StagetoolsError(f"--core-app {system.core_app}", "new makes the core app a "
+                              "package at the top of the repo", "give a name without dots")
     _refuse_a_directory_others_could_swap(directory)
     starter = render_starter(system)
     created = not os.path.lexists(directory)
@@ -1691,11 +1839,15 @@ def _cmd_check(args):
     if not args.name:
         raise StagetoolsError("check", "it needs the installation's name, or --all",
                               "stagetools check shop_prod")
+    given = dict(core_repo=args.core_repo, core_app=args.core_app, framework=args.framework,
+                 server=args.server, database=args.database, host_names=args.host_names)
+    # Root's record of a deployment says what was deployed, unless the deploy tool asks
+    # about another version (--declaration) or another place (--base-dir).
+    record = None if args.declaration or args.base_dir else _read_record(args.name)
     try:
-        expected = get_expected_system_from_name(
-            args.name, base_dir=args.base_dir, core_repo=args.core_repo,
-            core_app=args.core_app, framework=args.framework, server=args.server,
-            database=args.database, host_names=args.host_names, declared=_declared_in(args))
+        expected = _expected_from_record(record, **given) if record else \
+            get_expected_system_from_name(args.name, base_dir=args.base_dir,
+                                          declared=_declared_in(args), **given)
     except _BadDeclaration as error:
         raise _CouldNotCheck(f"could not check {args.name}", str(error)) from None
     report = _check_report(expected)
@@ -1729,7 +1881,6 @@ def _check_all(args):
     """Every installation of this host, a line each (or one JSON object): 3 if one could
     not be checked, else 1 if one differs."""
     import json
-    from concurrent.futures import ThreadPoolExecutor
     given = [option for option in ("name", "base_dir", "core_repo", "core_app", "framework",
                                    "server", "database", "host_names", "declaration")
              if getattr(args, option)]
@@ -1739,6 +1890,21 @@ def _check_all(args):
     if os.geteuid() != 0:
         raise StagetoolsError("check --all", "it runs each installation's Python as its user",
                               "run it as root")
+    reports = _check_reports(_installations_on_this_host())
+    if args.json:
+        print(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
+                         indent=2))
+    else:
+        print("\n".join(_summary_lines(reports)) or "no installations on this host")
+    if any(r["could_not_check"] for r in reports):
+        return 3
+    return 1 if any(r["differences"] for r in reports) else 0
+
+
+def _check_reports(installations):
+    """The reports of check for ``installations`` (name -> base dir, None: root's record),
+    several at once: the checks wait on the installations' Pythons."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def report(found):
         name, base_dir = found
@@ -1748,22 +1914,14 @@ def _check_all(args):
             return {"name": name, "ok": False, "checks": 0, "could_not_check": str(error),
                     "differences": []}
 
-    # The checks wait on the installations' Pythons: several at once.
     with ThreadPoolExecutor(8) as pool:
-        reports = list(pool.map(report, _installations_on_this_host()))
-    if args.json:
-        print(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
-                         indent=2))
-    elif reports:
-        width = max(len(r["name"]) for r in reports)
-        for r in reports:
-            print(f"{r['name']:<{width}}  {_printable(_summary(r))[:300]}")
-    else:
-        print("no installations on this host (users whose home is a virtualenv named "
-              "like them)")
-    if any(r["could_not_check"] for r in reports):
-        return 3
-    return 1 if any(r["differences"] for r in reports) else 0
+        return list(pool.map(report, installations.items()))
+
+
+def _summary_lines(reports):
+    """A line per installation's report, for people."""
+    width = max([len(r["name"]) for r in reports] or [0])
+    return [f"{r['name']:<{width}}  {_printable(_summary(r))[:300]}" for r in reports]
 
 
 def _summary(report):
@@ -1777,21 +1935,30 @@ def _summary(report):
 
 
 def _installations_on_this_host():
-    """(name, base dir) of each user named like an installation whose home is a
-    virtualenv of that name."""
+    """name -> base dir of each installation of this host: those of root's records (what a
+    deploy tool deployed; base dir None), and each other user named like an installation
+    whose home is a virtualenv of that name (installed by hand)."""
     import pwd
-    found = []
-    for entry in sorted(pwd.getpwall(), key=lambda entry: entry.pw_name):
+    try:
+        found = {entry.name[:-5]: None for entry in os.scandir(_RECORD_DIR)
+                 if entry.name.endswith(".json") and _name_problem(entry.name[:-5]) is None}
+    except FileNotFoundError:
+        found = {}
+    for entry in pwd.getpwall():
         home = os.path.normpath(entry.pw_dir or "/")
-        if (_name_problem(entry.pw_name) is None and os.path.basename(home) == entry.pw_name
+        if (entry.pw_name not in found and _name_problem(entry.pw_name) is None
+                and os.path.basename(home) == entry.pw_name
                 and _file_kind(os.path.join(home, "pyvenv.cfg")) == _REGULAR_FILE):
-            found.append((entry.pw_name, home))
-    return found
+            found[entry.pw_name] = home
+    return dict(sorted(found.items()))
 
 
 def _expected_on_this_host(name, base_dir):
-    """The expected system of an installation found on this host: its repo is src/<the
-    configuration>, or else the one repo in src/ that holds stagetools.py."""
+    """The expected system of an installation of this host: as root's record says, or for
+    one installed by hand, its repo src/<the configuration>, or else the one repo in src/
+    that holds stagetools.py."""
+    if base_dir is None:
+        return _expected_from_record(_read_record(name))
     configuration = parse_name(name)[0]
     src = os.path.join(base_dir, "src")
     if _file_kind(os.path.join(src, configuration)) == _DIRECTORY:
@@ -1852,8 +2019,8 @@ $socket_access
 [Install]
 WantedBy=sockets.target
 """
-# DirectoryMode only matters if tmpfiles has not made the dir (0750 NAME:www-data) first;
-# the socket's own mode 0660 keeps other users out either way.
+# systemd makes the socket's directory, root's: the user cannot swap the socket for a link
+# there while systemd's helper sets its owner by path. The socket's own mode keeps others out.
 _SYSTEM_SOCKET_ACCESS = """\
 SocketGroup=$web_group
 SocketMode=0660
@@ -1883,7 +2050,7 @@ UMask=0077
 ProtectSystem=strict
 ProtectHome=tmpfs
 BindPaths=$base_dir
-ReadOnlyPaths=-$base_dir/bin -$base_dir/lib -$base_dir/src
+ReadOnlyPaths=-$base_dir/bin -$base_dir/lib -$base_dir/src -$base_dir/static -$base_dir/releases
 PrivateTmp=yes
 PrivateDevices=yes
 DevicePolicy=closed
@@ -1945,12 +2112,6 @@ RestrictAddressFamilies=AF_UNIX
 _USER_UNIT_DIRECTIVES = {"UMask", "NoNewPrivileges", "LockPersonality", "RestrictRealtime",
                          "RestrictSUIDSGID", "RestrictNamespaces", "RestrictAddressFamilies",
                          "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber"}
-# The socket dir: the user may write there, nginx may pass, nobody else. Uploads: nginx's
-# group reads them (new ones inherit the group), nobody else.
-_TMPFILES = """\
-d $run_dir 0750 $user $web_group -
-d $media_dir 2750 $user $web_group -
-"""
 # The site: on port 80 the locations (HTTP), or challenges and a redirect to the HTTPS
 # server that follows (QUAL and PROD with host names; certbot's certificate, webroot method).
 _NGINX_SITE = """\
@@ -1991,6 +2152,8 @@ _NGINX_LOCATIONS = """\
 
     location /$static_url {
         alias $static_dir/;
+        # A link in the installation's files is served only if it points to the user's own.
+        disable_symlinks if_not_owner;
         # Names with a content hash (Django's ManifestStaticFilesStorage) never change.
         location ~ "\\.[0-9a-f]{12}\\.[^/]+$$" {
             add_header Cache-Control "public, max-age=31536000, immutable";
@@ -1998,6 +2161,7 @@ _NGINX_LOCATIONS = """\
     }
     location /$media_url {
         alias $media_dir/;
+        disable_symlinks if_not_owner;
         # Uploads come from users: never a page of this site that runs script.
         add_header X-Content-Type-Options nosniff;
         add_header Content-Security-Policy "default-src 'none'; sandbox";
@@ -2037,16 +2201,22 @@ server {
     return 444;
 }
 """
-# Run by the installation's own Python as its user, by `check`: what that process resolves.
+# Run by the installation's own Python as its user, by `check`: what that process resolves,
+# as its aaa_env_setup resolves it (else as stagetools does by itself), and what it may write.
 _PROBE = """\
-import json, os, sys
+import importlib.util, json, os, sys
 options = json.loads(sys.argv[1])
-sys.path.insert(0, options.pop("repo"))
+sys.path.insert(0, options["repo"])
 import stagetools
-paths = options.pop("paths")
-system = stagetools.get_actual_system_from_name(**options)
-print(json.dumps({"system": system.as_dict(),
-                  "writable": {path: os.access(path, os.W_OK) for path in paths}}))
+if importlib.util.find_spec("aaa_env_setup"):
+    import aaa_env_setup
+    system = aaa_env_setup.SYSTEM
+else:
+    system = stagetools.get_actual_system_from_name()
+print(json.dumps({"version": stagetools.__version__,
+                  "system": {key: value for key, value in system.as_dict().items()
+                             if key != "services"},
+                  "writable": {path: os.access(path, os.W_OK) for path in options["paths"]}}))
 """
 # The starter repo of `new`: the files of every framework, then each framework's own.
 _STARTER_SETUP = """\

@@ -87,9 +87,12 @@ def cli(*args, python=sys.executable, script=STAGETOOLS, **kwargs):
 
 
 def show_json(*args, **kwargs):
+    """show --json: the system's attributes; the version that printed them is checked here."""
     result = cli("show", *args, "--json", **kwargs)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    data = json.loads(result.stdout)
+    assert data.pop("stagetools_version") == stagetools.__version__
+    return data
 
 
 def free_port():
@@ -217,7 +220,7 @@ SHOP_PROD = {
     "bin_dir": "/home/shop_prod/bin", "lib_dir": "/home/shop_prod/lib",
     "src_dir": "/home/shop_prod/src", "python_path": "/home/shop_prod/bin/python",
     "pip_path": "/home/shop_prod/bin/pip", "core_repo_dir": "/home/shop_prod/src/shop",
-    "static_url": "static/", "static_dir": "/home/shop_prod/static",
+    "releases_dir": "/home/shop_prod/releases", "static_url": "static/", "static_dir": "/home/shop_prod/static",
     "media_url": "media/", "media_dir": "/home/shop_prod/media",
     "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
     "secret_key_path": "/home/shop_prod/secret_key",
@@ -251,7 +254,8 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "is_debug": stage in ("dev", "int"), "framework": "django", "server": "gunicorn",
         "base_dir": b, "venv_dir": b, "bin_dir": f"{b}/bin", "lib_dir": f"{b}/lib",
         "src_dir": f"{b}/src", "python_path": f"{b}/bin/python", "pip_path": f"{b}/bin/pip",
-        "core_repo_dir": f"{b}/src/{core_repo}", "static_url": "static/",
+        "core_repo_dir": f"{b}/src/{core_repo}", "releases_dir": f"{b}/releases",
+        "static_url": "static/",
         "static_dir": f"{b}/static", "media_url": "media/", "media_dir": f"{b}/media",
         "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
         "secret_key_path": f"{b}/secret_key", "certificate_dir": f"/etc/letsencrypt/live/{name}",
@@ -425,11 +429,15 @@ def obeys_the_rules(field, value):
     """The README's rule for a base dir, an identifier or a host name, written here
     independently."""
     import keyword
-    if field == "host_names":
-        return SAFE_HOST_NAME.fullmatch(value) is not None
+    if field == "host_names":  # and no local name: NAME-with-dashes.localhost is each site's
+        return SAFE_HOST_NAME.fullmatch(value) is not None and \
+            value.rsplit(".", 1)[-1] != "localhost"
     if field == "base_dir":
         return (SAFE_BASE_DIR.fullmatch(value) is not None and "/./" not in value + "/"
                 and "/../" not in value + "/")
+    if field == "core_app":  # a module: identifiers joined by dots
+        return all(SAFE_IDENTIFIER.fullmatch(part) is not None and not keyword.iskeyword(part)
+                   for part in value.split("."))
     return SAFE_IDENTIFIER.fullmatch(value) is not None and not keyword.iskeyword(value)
 
 
@@ -564,6 +572,8 @@ BAD_HOST_NAMES = {
     "10.0.0.1": "it is an IP address",
     "bücher.example": "it is not ASCII; give its IDNA form",
     "a" * 64 + ".example.com": "a label is longer than 63 characters",
+    # Every site answers NAME-with-dashes.localhost by itself: another's local name is not one.
+    "shop-dev.localhost": "it is a local name (.localhost)",
 }
 
 
@@ -760,7 +770,8 @@ def test_differences_are_listed_field_by_field():
     assert expected.differences(expected) == []
     names = [field for field, _, _ in expected.differences(other)]
     assert names == ["base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path",
-                     "pip_path", "core_repo_dir", "static_dir", "media_dir", "secret_key_path",
+                     "pip_path", "core_repo_dir", "releases_dir", "static_dir", "media_dir",
+                     "secret_key_path",
                      "manage_py_path", "database_sqlite_path"]
     assert ("base_dir", "/home/shop_prod", "/srv/shop_prod") in expected.differences(other)
 
@@ -1489,9 +1500,8 @@ SERVER_OF = {"shop_dev": "uvicorn", "shop_qual": "hypercorn", "shop_prod": "guni
 DATABASE_OF = {"shop_dev": "sqlite", "shop_qual": "sqlite", "shop_prod": "postgresql"}
 needs_deploy_tools = pytest.mark.skipif(
     not IN_CI and not (IS_ROOT and shutil.which("systemd-analyze")
-                       and shutil.which("systemd-tmpfiles")
                        and os.path.exists("/usr/sbin/nginx") and os.path.exists(SYSTEM_PYTHON)),
-    reason="needs root, systemd-analyze, systemd-tmpfiles, nginx and /usr/bin/python3 "
+    reason="needs root, systemd-analyze, nginx and /usr/bin/python3 "
            "(CI installs them)")
 
 
@@ -1523,8 +1533,11 @@ def construct(name, shared_dir, postgres, stack, server, framework="django",
             link.unlink(missing_ok=True)
             link.symlink_to(path)
             stack.callback(link.unlink, missing_ok=True)
+    # As the deploy does: media/ for nginx's group alone; the socket's dir, as systemd makes it.
+    os.chown(base_dir / "media", pwd.getpwnam(name).pw_uid, grp.getgrnam("www-data").gr_gid)
+    (base_dir / "media").chmod(0o2750)
     stack.callback(shutil.rmtree, expected["run_dir"], True)
-    run(["systemd-tmpfiles", "--create", f"/etc/tmpfiles.d/{name}.conf"])
+    Path(expected["run_dir"]).mkdir(mode=0o755, exist_ok=True)
     return expected, env
 
 
@@ -1540,7 +1553,7 @@ def listing(name):
     """Every file of an installation with its mode, owner, size and time."""
     roots = [Path(f"/home/{name}"), Path(f"/run/{name}")] + [
         Path(p) for p in glob.glob(f"/etc/systemd/system/{name}.*")
-        + glob.glob(f"/etc/tmpfiles.d/{name}.conf")]
+]
     entries = []
     for root in roots:
         for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
@@ -1626,6 +1639,7 @@ def test_check__each_fault_by_name(three_installations):
     unit = Path(f"/etc/systemd/system/{name}.service")
     unit_text = unit.read_text()
     key, database, media = base / "secret_key", base / "shop.sqlite", base / "media"
+    static, pyvenv = base / "static", base / "pyvenv.cfg"
     media_mode = stat.S_IMODE(media.stat().st_mode)
     faults = {
         "base_dir owner": (lambda: os.chown(base, 0, 0),
@@ -1644,6 +1658,14 @@ def test_check__each_fault_by_name(three_installations):
                             lambda: (key.unlink(), (base / "away").rename(key))),
         "python_path": (lambda: (python.unlink(), python.mkdir()),  # a directory is no program
                         lambda: (python.rmdir(), python.symlink_to(python_target))),
+        # A link where a directory or pyvenv.cfg should be: another user's files could stand
+        # behind it (nginx would serve them; check --all would not find the installation).
+        "static_dir": (lambda: (static.rename(base / "static.away"),
+                                static.symlink_to(base / "static.away")),
+                       lambda: (static.unlink(), (base / "static.away").rename(static))),
+        str(pyvenv): (lambda: (pyvenv.rename(base / "pyvenv.away"),
+                               pyvenv.symlink_to(base / "pyvenv.away")),
+                      lambda: (pyvenv.unlink(), (base / "pyvenv.away").rename(pyvenv))),
         f"file {unit}": (lambda: unit.write_text(unit_text.replace("NoNewPrivileges=yes\n", "")),
                          lambda: unit.write_text(unit_text)),
         "user": (lambda: run(["userdel", name]),
@@ -1690,20 +1712,25 @@ def printed_at_start_up(name, data):
         pth.unlink()
 
 
-def hostile_answers():
-    """Answers shaped almost like the probe's: right keys with a wrong type, a key missing."""
+def probe_answer(system=None, version=None, writable=None):
+    """What the probe prints for shop_qual, with ``system``, ``version`` or ``writable``
+    instead of the real ones."""
     real = show_json("shop_qual", "--expected", "--server", "hypercorn")
-    writable = {real[key]: True for key in ("static_dir", "media_dir", "run_dir")}
-    wrong_type = dict(real, is_debug="no")
-    missing = {key: value for key, value in real.items() if key != "database_name"}
-    extra = dict(real, evil="x")
-    bad_service = dict(real, services={"/etc/x": 1})
-    return [json.dumps({"system": system, "writable": writable}).encode()
-            for system in (wrong_type, missing, extra, bad_service)] + [
-        json.dumps({"system": real, "writable": {}}).encode(),
-        json.dumps({"system": real, "writable": dict.fromkeys(writable, "yes")}).encode(),
-        b'{"system": {}, "writable": {}}', b"\xff\xfe{}", b"[1, 2]", b"null", b"",
-        b"[" * 200_000]  # nested deeper than json may go
+    real.pop("services")
+    return json.dumps({"version": stagetools.__version__ if version is None else version,
+                       "system": real if system is None else system(real),
+                       "writable": {real[key]: True for key in ("static_dir", "media_dir")}
+                       if writable is None else writable}).encode()
+
+
+def hostile_answers():
+    """Answers shaped almost like the probe's, but not like a system: exit 3."""
+    return [probe_answer(writable={}), probe_answer(writable={"/x": True}),
+            probe_answer(version=1), probe_answer(version=None) + b" trailing",
+            probe_answer(system=lambda real: dict(real, services={"/etc/x": 1})),
+            probe_answer(system=lambda real: dict(real, host_names=[1])),
+            b'{"system": {}, "writable": {}}', b"\xff\xfe{}", b"[1, 2]", b"null", b"",
+            b"[" * 200_000]  # nested deeper than json may go
 
 
 @needs_deploy_tools
@@ -1730,11 +1757,25 @@ def assert_could_not_check(printed):
 
 
 @needs_deploy_tools
+def test_check__a_system_that_differs_by_field_or_type__exit_1_naming_it(three_installations):
+    # Another version of stagetools may have other fields: a missing one differs, an unknown
+    # one is not compared; a value of another type differs (the version is told).
+    for system, what in ((lambda real: dict(real, is_debug="no"), "actual is_debug"),
+                         (lambda real: {k: v for k, v in real.items() if k != "database_name"},
+                          "actual database_name"),
+                         (lambda real: dict(real, core_app="books"), "actual core_app")):
+        with printed_at_start_up("shop_qual", probe_answer(system, version="0.9")):
+            returncode, differences = check("shop_qual", "--server", "hypercorn")
+        assert returncode == 1 and list(differences) == [what], differences
+        assert "(it runs stagetools 0.9, this check" in differences[what]["actual"] or \
+            differences[what]["actual"] == "missing"
+    with printed_at_start_up("shop_qual", probe_answer(lambda real: dict(real, later="x"))):
+        assert check("shop_qual", "--server", "hypercorn") == (0, {})
+
+
+@needs_deploy_tools
 def test_check__what_the_installation_says_is_escaped_and_bounded(three_installations):
-    real = show_json("shop_qual", "--expected", "--server", "hypercorn")
-    writable = {real[key]: True for key in ("static_dir", "media_dir", "run_dir")}
-    painted = json.dumps({"system": dict(real, core_app="\x1b[2J\x1b[31mowned"),
-                          "writable": writable}).encode()
+    painted = probe_answer(system=lambda real: dict(real, core_app="\x1b[2J\x1b[31mowned"))
     with printed_at_start_up("shop_qual", painted):
         table = cli("check", "shop_qual", "--server", "hypercorn")
         as_json = cli("check", "shop_qual", "--server", "hypercorn", "--json")
@@ -1827,7 +1868,7 @@ http {{
                                              host)
             assert status == 200 and headers["Server"].startswith("nginx")
             assert "X-Frame-Options" not in headers, "static file came from Django, not nginx"
-            # An upload as Django writes it (0644 in media/, which tmpfiles made 2750
+            # An upload as Django writes it (0644 in media/, which the deploy made 2750
             # NAME:www-data): nginx serves it, as a sandbox that runs no script.
             upload = Path(expected["media_dir"]) / "page.html"
             run(["runuser", "-u", name, "--", "sh", "-c", "umask 077 && printf '<script>x()"
