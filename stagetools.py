@@ -389,7 +389,7 @@ def parse_declaration(text, name=None, given="the declaration"):
             raise _BadDeclaration(given, f"line {number} is not 'key = value' in a section",
                                   f"for example: {_DECLARATION_EXAMPLE}")
         else:
-            key, _, value = (part.strip() for part in line.partition("="))
+            key, value = (part.strip() for part in line.split("=", 1))
             sections[section][key] = _declared_value(key, value, sections[section], given,
                                                      number)
     declared = dict(sections.get("stagetools", {}))
@@ -809,7 +809,7 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
     for a tool that holds the repo elsewhere (``{}``: none)."""
     source = "argument"
     if name is None:
-        name, _ = _process_user_and_group()
+        name = _process_user_and_group()[0]
         source = "login name"
         try:
             parse_name(name)
@@ -928,10 +928,10 @@ def _create_secret_file(path):
 
 
 def _read_record(name):
-    """Root's record of the installation ``name``, or None: ``{"name", "commit", "repo",
-    "version", "core_repo", "declaration" (the text of that commit's stagetools.ini, or
-    None), "previous" (the same keys of the commit before, or None), "deployed_at"}``. A
-    record that is not root's, or not of that shape, is refused."""
+    """Root's record of the installation ``name``, or None: ``{"name", "commit" (None until
+    a commit serves), "repo", "version", "core_repo", "declaration" (the text of that
+    commit's stagetools.ini, or None), "previous" (the same keys of the commit before, or
+    None), "deployed_at"}``. A record that is not root's, or not of that shape, is refused."""
     import json
     parse_name(name)  # a name, before it becomes a path
     path = os.path.join(_RECORD_DIR, f"{name}.json")
@@ -955,12 +955,13 @@ def _read_record(name):
 
 def _is_deployment(record):
     """Whether a record (or its previous deployment) has the record's shape."""
-    fields = {"name": str, "commit": str, "repo": str, "version": str, "core_repo": str,
-              "declaration": (str, type(None)), "previous": (dict, type(None)),
-              "deployed_at": str}
+    fields = {"name": str, "commit": (str, type(None)), "repo": str, "version": str,
+              "core_repo": str, "declaration": (str, type(None)),
+              "previous": (dict, type(None)), "deployed_at": str}
+    commit = record.get("commit") if isinstance(record, dict) else None
     return (isinstance(record, dict) and set(record) == set(fields)
             and all(isinstance(record[key], kind) for key, kind in fields.items())
-            and len(record["commit"]) == 40 and set(record["commit"]) <= _COMMIT_CHARACTERS
+            and (commit is None or len(commit) == 40 and set(commit) <= _COMMIT_CHARACTERS)
             and _name_problem(record["name"]) is None and record["core_repo"].isidentifier())
 
 
@@ -1178,11 +1179,14 @@ def render_starter(system, requirements=None):
     import json
     django = system.framework == "django"
     modules = ["stagetools.py"] + (["stagetools_django.py"] if django else [])
-    arguments = [f"{key}={json.dumps(value)}" for key, value, default in [
-        ("core_repo", system.core_repo, system.configuration),
-        ("core_app", system.core_app, system.core_repo)] if value != default]
+    # A core repo is where the repo lives (the installation must know it to find its
+    # declaration); a core app is declared, where the deploy side reads it too.
+    arguments = [f"core_repo={json.dumps(system.core_repo)}"] \
+        if system.core_repo != system.configuration else []
     values = dict(
         core_repo=system.core_repo, core_app=system.core_app, framework=system.framework,
+        core_app_line=f"core_app = {system.core_app}\n"
+        if system.core_app != system.core_repo else "",
         server=system.server, database=system.database,
         requirements=json.dumps(requirements or FRAMEWORKS[system.framework]["requirements"]
                                 + DATABASES[system.database]["requirements"]),
@@ -1305,9 +1309,9 @@ def _check_units(expected):
     for unit, state in zip(units, states):
         actual = (f"{state.get('UnitFileState') or 'not installed'}, "
                   f"{state.get('ActiveState')} ({state.get('SubState')})")
-        if unit == f"{expected.name}.socket":
-            facts.append(_fact(f"unit {unit}", "enabled, active (listening)",
-                               actual == "enabled, active (listening)", actual))
+        if unit == f"{expected.name}.socket":  # running: it has started its service
+            facts.append(_fact(f"unit {unit}", "enabled, active (listening)", actual in (
+                "enabled, active (listening)", "enabled, active (running)"), actual))
         else:
             facts.append(_fact(f"unit {unit}", "not failed", state.get("ActiveState") != "failed",
                                actual))
@@ -1390,7 +1394,8 @@ def _certificate_expiry_and_names(pem):
     try:
         result = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-ext",
                                  "subjectAltName"], input=pem, capture_output=True, text=True,
-                                timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+                                timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+                                check=False)
     except (OSError, subprocess.SubprocessError) as error:
         raise ValueError(f"openssl x509 did not run: {error}") from None
     lines = result.stdout.splitlines()
@@ -1531,11 +1536,12 @@ def _is_probe_answer(answer, paths):
     if not (isinstance(answer, dict) and set(answer) == {"version", "system", "writable"}):
         return False
     system, writable = answer["system"], answer["writable"]
-    return (type(answer["version"]) is str and isinstance(system, dict)
-            and all(type(value) in (str, int, bool, type(None)) or type(value) is list and all(
-                type(item) is str for item in value) for value in system.values())
+    return (isinstance(answer["version"], str) and isinstance(system, dict)
+            and all(value is None or isinstance(value, (str, int)) or isinstance(value, list)
+                    and all(isinstance(item, str) for item in value)
+                    for value in system.values())
             and isinstance(writable, dict) and set(writable) == set(paths)
-            and all(type(value) is bool for value in writable.values()))
+            and all(isinstance(value, bool) for value in writable.values()))
 
 
 def _run_bounded(command, **kwargs):
@@ -1558,7 +1564,7 @@ def _run_bounded(command, **kwargs):
             ready = selector.select(max(0.0, deadline - time.monotonic()))
             if not ready:
                 problem = f"gave no answer within {_PROBE_TIMEOUT} s"
-            for key, _ in ready:
+            for key, _events in ready:
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     selector.unregister(key.fileobj)
@@ -1582,6 +1588,13 @@ def _run_bounded(command, **kwargs):
 # ---------------------------------------------------------------- command line
 
 
+def _say(text, stream=None):
+    """A line of the command line's output, on stdout or ``stream``, written at once."""
+    stream = stream or sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def _printable(value):
     """``value`` as text safe for a terminal: control characters shown as escapes."""
     text = str(value)
@@ -1591,7 +1604,7 @@ def _printable(value):
 
 def _show_table(system):
     rows = [(key, value) for key, value in system.as_dict().items() if key != "services"]
-    width = max(len(key) for key, _ in rows)
+    width = max(len(key) for key, value in rows)
     lines = [f"{key:<{width}}  {value}" for key, value in rows]
     lines.append(f"{'services':<{width}}  {', '.join(system.services) or '-'}")
     return "\n".join(lines)
@@ -1637,7 +1650,7 @@ def _parser():
             parser.add_argument(option, **_OPTIONS[option])
         return parser
 
-    parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n")[0])
+    parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     system = ("--core-repo", "--core-app", "--framework", "--server", "--database",
@@ -1674,8 +1687,8 @@ def _cmd_show(args):
         system = get_actual_system_from_name(args.name, **options)
     # The JSON carries the version that made it: a deploy tool's and an installation's
     # copies of stagetools may differ.
-    print(json.dumps(dict(system.as_dict(), stagetools_version=__version__), indent=2)
-          if args.json else _show_table(system))
+    _say(json.dumps(dict(system.as_dict(), stagetools_version=__version__), indent=2)
+         if args.json else _show_table(system))
     return 0
 
 
@@ -1692,9 +1705,9 @@ def _declared_in(args):
 def _run(command, what):
     import shlex
     import subprocess
-    print("+ " + shlex.join(str(part) for part in command), flush=True)
+    _say("+ " + shlex.join(str(part) for part in command))
     try:
-        returncode = subprocess.run(command, timeout=_STEP_TIMEOUT).returncode
+        returncode = subprocess.run(command, timeout=_STEP_TIMEOUT, check=False).returncode
     except subprocess.TimeoutExpired:
         raise StagetoolsError(f"{what} did not finish", f"it ran longer than {_STEP_TIMEOUT} s "
                               "(command above)", "check the network and the package index, "
@@ -1740,10 +1753,10 @@ def _cmd_new(args):
         raise
     finally:
         os.umask(umask)
-    print(f"\nCreated {system.name} ({system.stage.label}, {system.database}) in {directory}. "
-          "Serve it with one of:")
+    _say(f"\nCreated {system.name} ({system.stage.label}, {system.database}) in {directory}. "
+         "Serve it with one of:")
     for server in FRAMEWORKS[system.framework]["servers"]:
-        print("  " + shlex.join(_server_command(system, "127.0.0.1", 8000, server)))
+        _say("  " + shlex.join(_server_command(system, "127.0.0.1", 8000, server)))
     return 0
 
 
@@ -1852,17 +1865,17 @@ def _cmd_check(args):
         raise _CouldNotCheck(f"could not check {args.name}", str(error)) from None
     report = _check_report(expected)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _say(json.dumps(report, indent=2))
     elif report["differences"]:
-        print(f"{expected.name}: {len(report['differences'])} of {report['checks']} checks differ")
+        _say(f"{expected.name}: {len(report['differences'])} of {report['checks']} checks differ")
         rows = [("what", "expected", "actual")] + [
             tuple(_printable(difference[key])[:200] for key in ("what", "expected", "actual"))
             for difference in report["differences"]]
         widths = [max(len(row[column]) for row in rows) for column in range(2)]
         for what, want, have in rows:
-            print(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
+            _say(f"{what:<{widths[0]}}  {want:<{widths[1]}}  {have}")
     elif not report["could_not_check"]:
-        print(f"{expected.name}: all {report['checks']} checks hold")
+        _say(f"{expected.name}: all {report['checks']} checks hold")
     if report["could_not_check"]:
         raise _CouldNotCheck(f"could not check {expected.name}", report["could_not_check"])
     return 1 if report["differences"] else 0
@@ -1892,10 +1905,10 @@ def _check_all(args):
                               "run it as root")
     reports = _check_reports(_installations_on_this_host())
     if args.json:
-        print(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
-                         indent=2))
+        _say(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
+                        indent=2))
     else:
-        print("\n".join(_summary_lines(reports)) or "no installations on this host")
+        _say("\n".join(_summary_lines(reports)) or "no installations on this host")
     if any(r["could_not_check"] for r in reports):
         return 3
     return 1 if any(r["differences"] for r in reports) else 0
@@ -1989,16 +2002,16 @@ def main(argv=None):
         return {"show": _cmd_show, "new": _cmd_new, "adopt": _cmd_adopt,
                 "check": _cmd_check}[args.command](args)
     except _CouldNotCheck as error:
-        print(f"stagetools: {_printable(error)}", file=sys.stderr)
+        _say(f"stagetools: {_printable(error)}", sys.stderr)
         return 3
     except StagetoolsError as error:
-        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
+        _say(f"stagetools: error: {_printable(error)}", sys.stderr)
         return 2
     except BrokenPipeError:  # `stagetools show | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as error:  # what no step foresaw: still one line, never a traceback
-        print(f"stagetools: error: {_printable(error)}", file=sys.stderr)
+        _say(f"stagetools: error: {_printable(error)}", sys.stderr)
         return 3 if command == "check" else 2
 
 
@@ -2234,7 +2247,7 @@ _STARTER_DECLARATION = """\
 # What the installation's name cannot say, declared once: read by `stagetools show
 # --expected` and `stagetools check` (the deploy side) and by the installation itself.
 [stagetools]
-framework = $framework
+${core_app_line}framework = $framework
 server = $server
 database = $database
 """
@@ -2468,4 +2481,4 @@ if __name__ == "__main__":
     # One module, run or imported: stagetools_django imports it by name, and its errors
     # must be this module's StagetoolsError.
     sys.modules.setdefault("stagetools", sys.modules[__name__])
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """Capacity of a deployed host (issue 15), measured the way users feel it: through nginx on a
-test host (deploy/testhosts.py), with load from this machine (wrk) over the veth.
+test host (tests/deploy/testhosts.py), with load from this machine (wrk) over the veth.
 
     bash bench/run --host            # 10 installations; about 8 minutes on 2 cores
     bash bench/run --host --smoke    # 3 installations, short runs: CI's smoke run
@@ -18,7 +18,7 @@ import tempfile
 import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(TOP, "deploy"))
+sys.path.insert(0, os.path.join(TOP, "tests", "deploy"))
 sys.path.insert(0, TOP)
 import hostbench  # noqa: E402
 import stagetools  # noqa: E402

@@ -1,5 +1,5 @@
 """One test host with installations of one Django repo, deployed by the collection: the
-harness of the capacity tests (deploy/test_capacity.py) and benchmark (bench/host.py).
+harness of the capacity tests (tests/deploy/test_capacity.py) and benchmark (bench/host.py).
 
 The repo is the `new` starter of test_deploy.py with two more pages: /cpu/ computes for about
 10 ms, /io/ sleeps (0.1 s, or ?s=SECONDS) as a view waiting on a slow query would.
@@ -68,9 +68,7 @@ class Deployment:
             self.host, = self.testhosts.boot(1)
             self.times["image and boot"] = time.monotonic() - started
             self.repo = shop_repo(self.workdir, self.declaration)
-            self.collections = os.path.join(self.workdir, "collections")
-            test_deploy.sh(["ansible-galaxy", "collection", "install", "--force", "-p",
-                            self.collections, HERE])
+            self.collections = test_deploy.install_collection(self.workdir)
             self.inventory = self.testhosts.inventory(os.path.join(self.workdir, "inventory.ini"))
             started = time.monotonic()
             self.deploy()
@@ -89,9 +87,8 @@ class Deployment:
         os.makedirs(host_vars, exist_ok=True)
         listed = [{"name": name, "repo": self.repo, "version": "main"} for name in self.names]
         with open(os.path.join(host_vars, self.host.name + ".json"), "w") as f:
-            json.dump({"stagetools_installations": listed,
-                       "stagetools_pip_env": {"PIP_NO_INDEX": "1",
-                                              "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
+            json.dump({"installation_list": listed, "installation_pip_env": test_deploy.PIP_ENV},
+                      f)
         rc, output, recap = test_deploy.playbook(self.workdir, self.collections, self.inventory,
                                                  *args, timeout=1800)
         if rc != 0:

@@ -5,7 +5,7 @@ Needs root (ports 80 and 443) and the Debian packages pebble, certbot, nginx-lig
 libnss3-tools, openssl, and the pip package playwright; without them the test skips, except in
 CI (STAGETOOLS_CI=1), where a skip is a failure.
 
-    python -m pytest -s deploy/test_acme_infra.py
+    python -m pytest -s tests/deploy/test_acme_infra.py
 """
 import ctypes
 import importlib.util

@@ -1,10 +1,10 @@
 """Capacity on a real host (issue 15): workers by stage, a slow request that holds up no other,
 DEV installations that stop when idle and answer the next request, PROD that never stops.
 
-One test host (systemd-nspawn, deploy/testhosts.py) with four installations of one Django
-repo, deployed by the collection. Needs what deploy/test_deploy.py needs, and skips likewise.
+One test host (systemd-nspawn, tests/deploy/testhosts.py) with four installations of one Django
+repo, deployed by the collection. Needs what tests/deploy/test_deploy.py needs, and skips likewise.
 
-    STAGETOOLS_CI=1 python -m pytest deploy/test_capacity.py
+    STAGETOOLS_CI=1 python -m pytest tests/deploy/test_capacity.py
 """
 import json
 import os

@@ -3,7 +3,7 @@
 Needs root, systemd-nspawn, mmdebstrap and ansible-playbook; without them the tests skip, except
 in CI (STAGETOOLS_CI=1), where a skip is a failure.
 
-    STAGETOOLS_CI=1 python -m pytest deploy/test_deploy.py
+    STAGETOOLS_CI=1 python -m pytest tests/deploy/test_deploy.py
 """
 import ipaddress
 import json
@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TOP = os.path.dirname(os.path.dirname(HERE))
+COLLECTION = os.path.join(TOP, "deploy")
 sys.path.insert(0, HERE)
 import acme  # noqa: E402
 import browser  # noqa: E402
@@ -33,7 +34,7 @@ import testhosts  # noqa: E402
 WHEELS = ["Django", "gunicorn", "uvicorn", "hypercorn", "Flask", "starlette", "itsdangerous",
           "psycopg[binary]", "setuptools", "wheel",
           # for test_local_connection: ansible-core run on a host itself
-          "ansible-core>=2.15,<2.19"]
+          "ansible-core>=2.19,<2.20"]
 TIMES = {}  # measured durations, printed at the end of the session
 
 
@@ -110,12 +111,15 @@ def test_hosts_leave_nothing_behind(tmp_path, wheelhouse):
 # HTTPS with certificates from pebble; shop_dev, a DEV, keeps plain HTTP with its name.
 DECLARATIONS = {
     "shop": "[stagetools]\nframework = django\nserver = gunicorn\ndatabase = sqlite\n"
-            "[prod]\ndatabase = postgresql\n[dev]\nserver = uvicorn\n"
+            "[prod]\ndatabase = postgresql\n[qual]\ndatabase = postgresql\n"
+            "[dev]\nserver = uvicorn\n"
             "[shop_prod]\nhost_names = shop.test www.shop.test\n"
             "[shop_dev]\nhost_names = dev.shop.test\n",
     "blog": "[stagetools]\nframework = flask\n",
     "feed": "[stagetools]\nframework = starlette\nserver = hypercorn\n"
             "[feed_qual]\nhost_names = feed.test\n",
+    "evil": "[stagetools]\nframework = flask\n",
+    "library": "[stagetools]\nframework = flask\ncore_app = books\n",
 }
 HOST_NAMES = {"shop_prod": ["shop.test", "www.shop.test"], "shop_dev": ["dev.shop.test"],
               "feed_qual": ["feed.test"]}
@@ -124,17 +128,47 @@ HTTPS = {"shop_prod", "feed_qual"}
 ACME = {}
 
 
+# A repo that tries to act as root: its stagetools.py and aaa_env_setup.py, whenever they are
+# imported, write a marker named by the uid that runs them and try to write to /etc; its
+# stagetools.py renders the unit with User=root and resolves static_dir to /etc.
+HOSTILE_STAGETOOLS = """
+
+def _hostile(what):
+    for path in ("/etc/stagetools-%s" % what,
+                 "/home/evil_prod/marker-%s-%d" % (what, os.geteuid())):
+        try:
+            with open(path, "w") as file:
+                file.write("x")
+        except OSError:
+            pass
+
+
+_hostile("stagetools")
+_SERVICE_UNIT = _SERVICE_UNIT.replace("${identity}", "User=root\\n${identity}")
+_original_build_system = _build_system
+
+
+def _build_system(*args, **kwargs):
+    system = _original_build_system(*args, **kwargs)
+    return System(**dict(system._complete(), static_dir="/etc"))
+"""
+HOSTILE_ENV_SETUP = """
+import stagetools  # noqa: E402
+stagetools._hostile("aaa_env_setup")
+"""
+
+
 def git(repo, *args):
     return sh(["git", "-C", repo, "-c", "user.name=test", "-c", "user.email=test@localhost"]
               + list(args)).stdout.strip()
 
 
-def make_repo(workdir, name, framework):
+def make_repo(workdir, name, framework, *options):
     """`new` makes an installation on the machine; its src/<repo> becomes a git repository."""
     installation = os.path.join(workdir, "new", name)
     os.makedirs(os.path.dirname(installation), exist_ok=True)
     sh([sys.executable, os.path.join(TOP, "stagetools.py"), "new", installation,
-        "--framework", framework])
+        "--framework", framework, *options])
     configuration = name.rsplit("_", 1)[0]
     repo = os.path.join(workdir, "repos", configuration)
     shutil.copytree(os.path.join(installation, "src", configuration), repo,
@@ -157,6 +191,11 @@ def make_repo(workdir, name, framework):
             text = f.read()
         with open(setup, "w") as f:
             f.write(text.replace('"hypercorn"]', '"hypercorn", "psycopg[binary]"]'))
+    if configuration == "evil":
+        with open(os.path.join(repo, "stagetools.py"), "a") as f:
+            f.write(HOSTILE_STAGETOOLS)
+        with open(os.path.join(repo, "aaa_env_setup.py"), "a") as f:
+            f.write(HOSTILE_ENV_SETUP)
     with open(os.path.join(repo, ".gitignore"), "w") as f:
         f.write("*.egg-info/\n__pycache__/\n")
     git(repo, "init", "--quiet", "--initial-branch=main")
@@ -173,7 +212,9 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def repos(workdir):
     jobs = {"shop": ("shop_dev", "django"), "blog": ("blog_dev", "flask"),
-            "feed": ("feed_dev", "starlette")}
+            "feed": ("feed_dev", "starlette"), "evil": ("evil_dev", "flask"),
+            # its package is not named like the repo: core_app = books, declared
+            "library": ("library_dev", "flask", "--core-app", "books")}
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(make_repo, workdir, *v) for k, v in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
@@ -205,12 +246,21 @@ def hosts(workdir, wheelhouse):
         yield th
 
 
+def install_collection(workdir):
+    """The collection built and installed as users get it (a tarball: its stagetools.py is
+    the file, not the link); returns the collections path."""
+    built = os.path.join(workdir, "built")
+    sh(["ansible-galaxy", "collection", "build", "--force", "--output-path", built, COLLECTION])
+    tarball, = [os.path.join(built, name) for name in os.listdir(built)
+                if name.endswith(".tar.gz")]
+    path = os.path.join(workdir, "collections")
+    sh(["ansible-galaxy", "collection", "install", "--force", "-p", path, tarball])
+    return path
+
+
 @pytest.fixture(scope="session")
 def collections(workdir):
-    """The collection installed as ansible-galaxy installs it (this also checks its layout)."""
-    path = os.path.join(workdir, "collections")
-    sh(["ansible-galaxy", "collection", "install", "--force", "-p", path, HERE])
-    return path
+    return install_collection(workdir)
 
 
 INSTALLATIONS = {
@@ -219,6 +269,8 @@ INSTALLATIONS = {
         {"name": "shop_prod", "repo": "shop", "framework": "django", "server": "gunicorn",
          "database": "postgresql", "host_names": HOST_NAMES["shop_prod"]},
         {"name": "blog_prod", "repo": "blog", "framework": "flask", "server": "gunicorn"},
+        # a second database on the host: neither role may connect to the other's
+        {"name": "shop_qual", "repo": "shop", "framework": "django", "database": "postgresql"},
     ],
     "host2": [
         {"name": "shop_dev", "repo": "shop", "framework": "django", "server": "uvicorn"},
@@ -243,10 +295,13 @@ def write_host_vars(workdir, repos, versions=None, extra=()):
                        repo=repos[i["repo"]], version=(versions or {}).get(i["name"], "main"))
                   for i in installations]
         with open(os.path.join(host_vars, host + ".json"), "w") as f:
-            json.dump({"stagetools_installations": listed,
-                       "stagetools_acme_server": ACME["directory_url"],
-                       "stagetools_pip_env": {"PIP_NO_INDEX": "1",
-                                              "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
+            json.dump({"installation_list": listed,
+                       "installation_acme_server": ACME["directory_url"],
+                       "installation_pip_env": PIP_ENV}, f)
+
+
+# The hosts have no network: pip takes the wheels the machine downloaded (/opt/wheelhouse).
+PIP_ENV = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/opt/wheelhouse"}
 
 
 def machine_end(host):
@@ -287,7 +342,28 @@ def acme_server(workdir, hosts):
 @pytest.fixture(scope="session")
 def inventory(workdir, hosts, repos, acme_server):
     write_host_vars(workdir, repos)
+    # check by hand, as root: root's own copy of stagetools (the collection's file), never
+    # one in an installation's home
+    for host in hosts.hosts:
+        os.makedirs(os.path.join(host.root, os.path.dirname(ROOT_STAGETOOLS[1:])), exist_ok=True)
+        shutil.copyfile(os.path.join(COLLECTION, "plugins", "module_utils", "stagetools.py"),
+                        os.path.join(host.root, ROOT_STAGETOOLS[1:]))
     return hosts.inventory(os.path.join(workdir, "inventory.ini"))
+
+
+ROOT_STAGETOOLS = "/usr/local/lib/stagetools/stagetools.py"
+
+
+def check_json(host, name):
+    """check NAME as root with root's copy and no flag: root's record says the rest."""
+    result = host.run("/usr/bin/python3 -I %s check %s --json" % (ROOT_STAGETOOLS, name),
+                      check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+def record(host, name):
+    """Root's record of a deployment on a host."""
+    return json.loads(host.run("cat /var/lib/stagetools/deployed/%s.json" % name).stdout)
 
 
 def playbook(workdir, collections, inventory, *args, timeout=900, name="deploy"):
@@ -339,13 +415,13 @@ def test_second_run_changes_nothing(deployed, workdir, collections, inventory):
 def test_check_holds_for_each(deployed, hosts):
     for host in hosts.hosts:
         for installation in INSTALLATIONS[host.name]:
-            name = installation["name"]
-            repo_stagetools = "/home/%s/src/%s/stagetools.py" % (name, installation["repo"])
-            options = " --core-repo shop" if "core_repo" in installation else ""
-            result = host.run("/usr/bin/python3 -I %s check %s --json%s"
-                              % (repo_stagetools, name, options), check=False)
-            assert result.returncode == 0, (host, name, result.stdout, result.stderr)
-            assert json.loads(result.stdout)["ok"] is True
+            returncode, output = check_json(host, installation["name"])
+            assert returncode == 0 and json.loads(output)["ok"] is True, (host, output)
+    # Root's mirror holds branches and tags only; root's record is outside it and the homes.
+    refs = hosts.hosts[0].run("git --git-dir /var/lib/stagetools-deploy/shop_prod.git "
+                              "for-each-ref --format='%(refname)'").stdout.split()
+    assert refs and all(ref.startswith(("refs/heads/", "refs/tags/")) for ref in refs), refs
+    assert record(hosts.hosts[1], "acme_prod")["core_repo"] == "shop"
 
 
 class SiteConnection(http.client.HTTPSConnection):
@@ -396,6 +472,12 @@ def test_shop_prod_uses_postgresql_by_peer_auth(deployed, hosts):
     result = host1.run("runuser -u postgres -- psql -XtAc \"select count(*) from pg_tables "
                        "where tableowner = 'shop_prod'\" shop_prod")
     assert int(result.stdout) > 5  # Django's and the app's tables, made by migrate
+    # Another installation's role may not even connect (REVOKE CONNECT ... FROM PUBLIC).
+    for user, database in (("shop_qual", "shop_prod"), ("shop_prod", "shop_qual")):
+        result = host1.run("cd / && runuser -u %s -- psql -XtAc 'select 1' %s"
+                           % (user, database), check=False)
+        assert result.returncode != 0 and 'permission denied for database "%s"' % database \
+            in result.stderr, result.stderr
 
 
 def test_private_files(deployed, hosts):
@@ -404,6 +486,21 @@ def test_private_files(deployed, hosts):
                        "/home/feed_qual/secret_key /home/feed_qual/feed.sqlite")
     assert result.stdout.split("\n")[:4] == ["600 shop_dev", "600 shop_dev", "600 feed_qual",
                                              "600 feed_qual"], result.stdout
+    # The socket's directory is root's: the user cannot swap the socket for a link there.
+    assert host2.run("stat -c '%U %a' /run/shop_dev").stdout.split() == ["root", "755"]
+
+
+def test_nginx_serves_no_link_to_anothers_files(deployed, hosts):
+    """A link the user puts in static/ or media/ to a file of another owner is not served."""
+    host2 = hosts.hosts[1]
+    host2.run("runuser -u shop_dev -- ln -sf /etc/passwd /home/shop_dev/static/passwd && "
+              "runuser -u shop_dev -- ln -sf /etc/hostname /home/shop_dev/media/hostname")
+    try:
+        for path in ("/static/passwd", "/media/hostname"):
+            status, _, body = get(host2, "shop_dev", path)
+            assert status == 403 and "root:" not in body, (path, status, body[:200])
+    finally:
+        host2.run("rm -f /home/shop_dev/static/passwd /home/shop_dev/media/hostname")
 
 
 # -- HTTPS: certificates from pebble by certbot's webroot method; a default site that
@@ -464,7 +561,7 @@ def test_an_invalid_host_name_is_refused_by_name(deployed, workdir, collections,
     bad = [{"name": "shop_prod", "repo": repos["shop"], "version": "main",
             "host_names": ["shop.test", "shop.test;evil"]}]
     rc, output, _ = playbook(workdir, collections, inventory, "--limit", "host1", "-e",
-                             json.dumps({"stagetools_installations": bad}))
+                             json.dumps({"installation_list": bad}))
     assert rc != 0
     assert "invalid host name 'shop.test;evil': it has the characters ';'" in output, \
         output[-3000:]
@@ -475,7 +572,7 @@ def test_check_reports_a_missing_certificate(deployed, hosts):
     live = "/etc/letsencrypt/live/shop_prod"
     host1.run("mv %s %s.away" % (live, live))
     try:
-        rc, output = check_json(host1, "shop_prod", "shop")
+        rc, output = check_json(host1, "shop_prod")
     finally:
         host1.run("mv %s.away %s" % (live, live))
     assert rc == 1, output
@@ -525,16 +622,9 @@ def test_forced_renewal_reloads_nginx_under_load(deployed, hosts):
         load.requests, load.failed, load.longest)
     assert load.requests > 20 and load.failed == 0, (load.failed, load.errors[:5])
     assert handshake(host1.address, "shop.test") != before  # nginx serves the new one
-    assert check_json(host1, "shop_prod", "shop")[0] == 0
+    assert check_json(host1, "shop_prod")[0] == 0
     timer = host1.run("systemctl is-enabled certbot.timer; systemctl is-active certbot.timer")
     assert timer.stdout.split() == ["enabled", "active"]
-
-
-def check_json(host, name, repo):
-    """check NAME with no other flag: the repo declares the rest."""
-    result = host.run("/usr/bin/python3 -I /home/%s/src/%s/stagetools.py check %s --json"
-                      % (name, repo, name), check=False)
-    return result.returncode, result.stdout + result.stderr
 
 
 def test_check_mode_reports_nothing_to_change(deployed, workdir, collections, inventory):
@@ -607,7 +697,13 @@ def versions(repos):
         "shop/views.py": open(os.path.join(shop, "shop", "views.py")).read()
         + "\n\ndef home(request):  # broken on purpose\n    raise RuntimeError('broken')\n"},
         "A home page that fails")
-    return {"v2": v2, "bad-migration": bad_migration, "bad-health": bad_health}
+    bad_start = commit_on_branch(shop, "bad-start", "v2", {
+        "stagetools_project/settings.py": open(os.path.join(shop, "stagetools_project",
+                                                            "settings.py")).read()
+        + "\nMIDDLEWARE += ['shop.nonexistent.Middleware']  # fails to import on purpose\n"},
+        "A middleware that fails to import")
+    return {"v2": v2, "bad-migration": bad_migration, "bad-health": bad_health,
+            "bad-start": bad_start}
 
 
 class Load:
@@ -656,13 +752,14 @@ class Load:
         assert not any(thread.is_alive() for thread in self.threads), "a client hangs"
 
 
-def deployed_commit(host, name, repo):
-    return host.run("git -c safe.directory='*' -C /home/%s/src/%s rev-parse HEAD"
-                    % (name, repo)).stdout.strip()
+def deployed_commit(host, name):
+    """The commit root's record says serves."""
+    return record(host, name)["commit"]
 
 
 def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, versions, hosts):
     host1 = hosts.hosts[0]
+    before = deployed_commit(host1, "shop_prod")
     write_host_vars(workdir, repos, {"shop_prod": "v2"})
     with Load(host1, "shop_prod") as load:
         time.sleep(1)
@@ -674,7 +771,8 @@ def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, ve
     assert rc == 0, output[-6000:]
     assert load.requests > 50, load.requests
     assert load.failed == 0, (load.failed, load.requests, load.errors[:5])
-    assert deployed_commit(host1, "shop_prod", "shop") == versions["v2"]
+    assert deployed_commit(host1, "shop_prod") == versions["v2"]
+    assert record(host1, "shop_prod")["previous"]["commit"] == before  # for a rollback
     tables = host1.run("runuser -u postgres -- psql -XtAc \"select count(*) from pg_tables "
                        "where tablename = 'shop_tag'\" shop_prod").stdout.strip()
     assert tables == "1"
@@ -682,35 +780,55 @@ def test_upgrade_under_load(deployed, workdir, collections, inventory, repos, ve
     lines = backups.stdout.splitlines()
     assert lines[0].startswith("700 shop_prod ") and len(lines) == 2, lines
     assert lines[1].startswith("600 shop_prod ") and lines[1].endswith(".pgdump"), lines
-    assert check_json(host1, "shop_prod", "shop")[0] == 0
+    assert check_json(host1, "shop_prod")[0] == 0
 
 
-@pytest.mark.parametrize("branch, step", [("bad-migration", "migrate"),
-                                          ("bad-health", "health gate")])
-def test_failed_upgrade_rolls_back(branch, step, deployed, workdir, collections, inventory,
-                                   repos, versions, hosts):
+@pytest.mark.parametrize("branch, step, cause", [
+    ("bad-start", "candidate: GET /", "No module named 'shop.nonexistent'"),
+    ("bad-health", "candidate: GET /", "the new release answered 500"),
+    ("bad-migration", "migrate (restoring the backup)",
+     "RuntimeError: this migration fails on purpose")])
+def test_a_release_that_fails_never_reaches_users(branch, step, cause, deployed, workdir,
+                                                  collections, inventory, repos, versions,
+                                                  hosts):
+    """Under 8 clients for the whole run: no request fails; the previous release serves;
+    the play fails naming the step and the cause; a failed migration is restored while
+    requests wait; the other installations of the host are deployed and checked."""
     host1 = hosts.hosts[0]
     write_host_vars(workdir, repos, {"shop_prod": "v2"})
     rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
     assert rc == 0, output[-6000:]  # v2 serves (after test_upgrade_under_load, or now)
     write_host_vars(workdir, repos, {"shop_prod": branch})
-    with timed("failed upgrade (%s) with rollback" % branch):
-        rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
-    write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    try:
+        with Load(host1, "shop_prod") as load:
+            time.sleep(1)
+            with timed("failed upgrade (%s)" % branch):
+                rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1")
+            time.sleep(1)
+    finally:
+        write_host_vars(workdir, repos, {"shop_prod": "v2"})
+    TIMES["%s: requests / failed / longest (s)" % branch] = "%d / %d / %.2f" % (
+        load.requests, load.failed, load.longest)
     assert rc != 0
-    assert re.search(r"shop_prod: deploying %s \(\w+\)\s+failed at step 'shop_prod: %s"
-                     % (branch, step), output), output[-6000:]
-    assert "rolled back to %s" % versions["v2"][:12] in output
-    assert deployed_commit(host1, "shop_prod", "shop") == versions["v2"]
+    assert load.requests > 50 and load.failed == 0, (load.failed, load.errors[:5])
+    assert "shop_prod: deploying %s (%s) failed at step '%s'" % (
+        branch, versions[branch][:12], step) in output, output[-6000:]
+    assert cause in output, output[-6000:]
+    assert "shop_prod: %s serves as before" % versions["v2"][:12] in output, output[-6000:]
+    assert deployed_commit(host1, "shop_prod") == versions["v2"]
     status, _, body = get(host1, "shop_prod")
     assert status == 200 and json.loads(body)["name"] == "shop_prod", body
-    assert check_json(host1, "shop_prod", "shop")[0] == 0
+    assert check_json(host1, "shop_prod")[0] == 0
     migrations = host1.run("runuser -u postgres -- psql -XtAc \"select name from "
                            "django_migrations where app = 'shop' order by name\" shop_prod")
     assert migrations.stdout.split() == ["0001_initial", "0002_tag"]
     leftover = host1.run("runuser -u postgres -- psql -XtAc \"select count(*) from pg_tables "
                          "where tablename = 'shop_leftover'\" shop_prod")
     assert leftover.stdout.strip() == "0"  # the backup was restored, not only the code
+    # The others of the host were deployed and checked; the last task names shop_prod only.
+    last = output.split("TASK [stagetools.deploy.installation : Every installation is deployed")[-1]
+    assert "shop_prod: deploying" in last and "blog_prod" not in last, last[-3000:]
+    assert re.search(r"^ok: \[host1\]", output.split("Check each installation")[-1], re.M)
 
 
 def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, hosts):
@@ -721,16 +839,32 @@ def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, h
               " && chmod 644 /home/shop_dev/secret_key"
               " && systemctl disable --now feed_qual.socket feed_qual.service"
               " && systemctl daemon-reload")
-    assert check_json(host2, "shop_dev", "shop")[0] == 1
+    assert check_json(host2, "shop_dev")[0] == 1
     rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host2")
     assert rc == 0, output[-6000:]
     assert recap["host2"]["changed"] > 0
-    assert check_json(host2, "shop_dev", "shop")[0] == 0
-    assert check_json(host2, "feed_qual", "feed")[0] == 0
+    assert check_json(host2, "shop_dev")[0] == 0
+    assert check_json(host2, "feed_qual")[0] == 0
     assert host2.run("systemctl is-enabled feed_qual.socket").stdout.strip() == "enabled"
     for name in ("shop_dev", "feed_qual"):
         status, _, body = get(host2, name)
         assert status == 200 and json.loads(body)["name"] == name, body
+
+
+def test_a_stopped_or_disabled_socket_is_a_difference(deployed, hosts):
+    """The site answers 502 without its socket: check says so, naming the unit."""
+    host2 = hosts.hosts[1]
+    try:
+        for break_it in ("systemctl stop shop_dev.socket shop_dev.service",
+                         "systemctl disable shop_dev.socket"):
+            host2.run(break_it)
+            returncode, output = check_json(host2, "shop_dev")
+            assert returncode == 1, output
+            assert [d["what"] for d in json.loads(output)["differences"]] == [
+                "unit shop_dev.socket"], output
+    finally:
+        host2.run("systemctl enable --now shop_dev.socket")
+    assert check_json(host2, "shop_dev")[0] == 0
 
 
 def test_local_connection(deployed, hosts, repos, collections, wheelhouse):
@@ -741,13 +875,13 @@ def test_local_connection(deployed, hosts, repos, collections, wheelhouse):
                     os.path.join(host2.root, "opt/collections/ansible_collections"))
     shutil.copytree(repos["blog"], os.path.join(host2.root, "srv/git/blog"))
     with open(os.path.join(host2.root, "srv/installations.json"), "w") as f:
-        json.dump({"stagetools_installations": [
+        json.dump({"installation_list": [
             # a URL the host fetches itself (a path would be sent from the "controller")
             {"name": "blog_dev", "repo": "file:///srv/git/blog", "version": "main",
              "framework": "flask", "server": "gunicorn"}],
-            "stagetools_pip_env": {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/opt/wheelhouse"}}, f)
+            "installation_pip_env": PIP_ENV}, f)
     host2.run("python3 -m venv /opt/ansible && /opt/ansible/bin/pip install --quiet --no-index"
-              " --find-links /opt/wheelhouse 'ansible-core>=2.15,<2.19'", timeout=300)
+              " --find-links /opt/wheelhouse 'ansible-core>=2.19,<2.20'", timeout=300)
     command = ("cd /srv && ANSIBLE_COLLECTIONS_PATH=/opt/collections ANSIBLE_NOCOLOR=1 "
                "/opt/ansible/bin/ansible-playbook -i localhost, -c local "
                "-e @/srv/installations.json stagetools.deploy.deploy")
@@ -785,23 +919,26 @@ def test_audit_of_a_host_with_20_installations(deployed, workdir, collections, i
     lines = re.findall(r'"(\S+)\s+all (\d+) checks hold', output)
     assert {name for name, _ in lines} >= {"shop_prod", "blog_prod"} | {m["name"] for m in MANY}
     assert len(lines) >= 20
-    # The audit itself, on the host: `check --all` from root's mirror of a deployed commit.
+    # The audit by hand, on the host: `check --all` with root's copy of stagetools.
     started = time.monotonic()
-    result = host1.run("git --git-dir /var/lib/stagetools-deploy/shop_prod.git show "
-                       "refs/stagetools/deployed:stagetools.py | /usr/bin/python3 -I - check --all",
-                       check=False)
+    result = host1.run("/usr/bin/python3 -I %s check --all" % ROOT_STAGETOOLS, check=False)
     TIMES["check --all on the host (%d installations)" % len(result.stdout.splitlines())] = (
         time.monotonic() - started)
     assert result.returncode == 0, result.stdout + result.stderr
-    # A fault shows as one line that names it, and the audit fails.
-    host1.run("chmod 644 /home/blog_d1/secret_key")
+    # A fault shows as one line that names it, and the audit fails; an installation whose
+    # pyvenv.cfg its user swapped for a link is still listed (root's record lists it).
+    host1.run("chmod 644 /home/blog_d1/secret_key && cd /home/blog_d2 && "
+              "mv pyvenv.cfg pyvenv.away && ln -s pyvenv.away pyvenv.cfg")
     try:
         rc, output, recap = playbook(workdir, collections, inventory, "--limit", "host1",
                                      name="audit")
     finally:
-        host1.run("chmod 600 /home/blog_d1/secret_key")
+        host1.run("chmod 600 /home/blog_d1/secret_key && cd /home/blog_d2 && "
+                  "rm pyvenv.cfg && mv pyvenv.away pyvenv.cfg")
     assert rc != 0
     assert re.search(r'"blog_d1\s+1 of \d+ checks differ: secret_key_path mode', output), \
+        output[-3000:]
+    assert re.search(r'"blog_d2\s+1 of \d+ checks differ: /home/blog_d2/pyvenv.cfg"', output), \
         output[-3000:]
 
 
@@ -821,20 +958,21 @@ def test_names_added_taken_and_removed(deployed, workdir, collections, inventory
                          "blog_prod: host names %s" % names)
         only_blog = [{"name": "blog_prod", "repo": blog, "version": branch}]
         return playbook(workdir, collections, inventory, "--limit", "host1", "-e",
-                        json.dumps({"stagetools_installations": only_blog}))
+                        json.dumps({"installation_list": only_blog}))
 
     rc, output, _ = deploy("named", "blog.test")
     assert rc == 0, output[-6000:]
     connection = SiteConnection(host1.address, "blog.test")  # verified against pebble's root
     connection.request("GET", "/", headers={"Host": "blog.test"})
     assert json.loads(connection.getresponse().read())["name"] == "blog_prod"
-    assert check_json(host1, "blog_prod", "blog")[0] == 0
+    assert check_json(host1, "blog_prod")[0] == 0
 
     rc, output, _ = deploy("taken", "shop.test")
     assert rc != 0
     assert "another nginx site serves its names: /etc/nginx/sites-enabled/shop_prod.conf " \
         "serves shop.test" in output, output[-3000:]
-    assert "rolled back to" in output
+    assert "blog_prod: %s serves as before" % record(host1, "blog_prod")["commit"][:12] \
+        in output, output[-3000:]
     assert handshake(host1.address, "blog.test") and handshake(host1.address, "shop.test")
     status, _, body = get(host1, "shop_prod")
     assert status == 200 and json.loads(body)["name"] == "shop_prod"
@@ -846,4 +984,112 @@ def test_names_added_taken_and_removed(deployed, workdir, collections, inventory
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
         handshake(host1.address, "blog.test")
     assert host1.run("ls /etc/letsencrypt/renewal").stdout.split() == ["shop_prod.conf"]
-    assert check_json(host1, "blog_prod", "blog")[0] == 0
+    assert check_json(host1, "blog_prod")[0] == 0
+
+
+# -- the trust boundary: root runs only the collection's code
+
+def deploy_only(workdir, collections, inventory, host, installations, *args):
+    """The playbook for ``installations`` alone on ``host`` (the others stay as they are)."""
+    return playbook(workdir, collections, inventory, "--limit", host.name, "-e",
+                    json.dumps({"installation_list": installations}), *args)
+
+
+def test_a_hostile_repo_changes_nothing_outside_its_installation(deployed, workdir, collections,
+                                                                 inventory, repos, hosts):
+    """The evil repo's stagetools.py and aaa_env_setup.py try to act as root (markers by
+    uid, files in /etc, a unit with User=root, static_dir at /etc): they run, as the user
+    only; root renders and writes from the collection's copy; check names the difference the
+    installation resolves."""
+    host2 = hosts.hosts[1]
+    evil = [{"name": "evil_prod", "repo": repos["evil"], "version": "main"}]
+    rc, output, _ = deploy_only(workdir, collections, inventory, host2, evil)
+    assert rc != 0 and "evil_prod  1 of" in output and "actual static_dir" in output, \
+        output[-4000:]
+    uid = host2.run("id -u evil_prod").stdout.strip()
+    markers = host2.run("ls /home/evil_prod").stdout.split()
+    # The code did run (as the user), and never as root.
+    assert {"marker-stagetools-%s" % uid, "marker-aaa_env_setup-%s" % uid} <= set(markers), \
+        markers
+    assert not [marker for marker in markers if marker.endswith("-0")], markers
+    assert host2.run("ls /etc/stagetools-stagetools /etc/stagetools-aaa_env_setup",
+                     check=False).returncode != 0
+    unit = host2.run("cat /etc/systemd/system/evil_prod.service").stdout
+    assert "User=evil_prod\n" in unit and "User=root" not in unit, unit
+    site = host2.run("cat /etc/nginx/sites-available/evil_prod.conf").stdout
+    assert "alias /home/evil_prod/static/;" in site and "/etc" not in site.split("upstream")[1]
+    assert host2.run("cat /etc/nginx/sites-available/stagetools-default.conf").stdout == \
+        stagetools_module()._render_default_site()
+    # What the repo declares is data, validated: a key that is no choice is refused.
+    commit_on_branch(repos["evil"], "declares-etc", "main", {
+        "stagetools.ini": DECLARATIONS["evil"] + "static_dir = /etc\n"}, "static_dir = /etc")
+    evil[0]["version"] = "declares-etc"
+    rc, output, _ = deploy_only(workdir, collections, inventory, host2, evil)
+    assert rc != 0 and "line 3: 'static_dir' is no choice" in output, output[-3000:]
+
+
+def stagetools_module():
+    sys.path.insert(0, TOP)
+    import stagetools
+    return stagetools
+
+
+def test_an_app_not_named_like_its_repo(deployed, workdir, collections, inventory, repos,
+                                        hosts):
+    """library declares core_app = books: it deploys, its second run changes nothing, and an
+    installation that resolves another core_app than its deployed commit declares differs."""
+    host2 = hosts.hosts[1]
+    library = [{"name": "library_prod", "repo": repos["library"], "version": "main"}]
+    rc, output, _ = deploy_only(workdir, collections, inventory, host2, library)
+    assert rc == 0, output[-6000:]
+    rc, output, recap = deploy_only(workdir, collections, inventory, host2, library)
+    assert rc == 0 and recap["host2"]["changed"] == 0, output[-4000:]
+    assert check_json(host2, "library_prod")[0] == 0
+    declaration = "/home/library_prod/src/library/stagetools.ini"
+    host2.run("cp %s /tmp/library.ini && sed -i 's/core_app = books/core_app = library/' %s"
+              % (declaration, declaration))
+    try:
+        returncode, output = check_json(host2, "library_prod")
+    finally:
+        host2.run("cp /tmp/library.ini %s" % declaration)
+    assert returncode == 1, output
+    assert [(d["what"], d["expected"]) for d in json.loads(output)["differences"]] == [
+        ("actual core_app", "books")], output
+
+
+def test_an_account_the_collection_did_not_make_is_refused(deployed, workdir, collections,
+                                                           inventory, repos, hosts):
+    host2 = hosts.hosts[1]
+    host2.run("useradd --no-create-home ops_prod")
+    try:
+        rc, output, _ = deploy_only(workdir, collections, inventory, host2, [
+            {"name": "ops_prod", "repo": repos["blog"], "version": "main"}])
+        assert rc != 0 and "an account or PostgreSQL role named ops_prod exists that " \
+            "stagetools.deploy did not make" in output, output[-3000:]
+        assert host2.run("ls /home/ops_prod /var/lib/stagetools/deployed/ops_prod.json",
+                         check=False).returncode != 0
+    finally:
+        host2.run("userdel ops_prod")
+
+
+def test_check_mode_with_new_code_changes_nothing(deployed, workdir, collections, inventory,
+                                                  repos, hosts):
+    """--check --diff with a commit the host does not have: what would change, and no
+    change (nothing sent, built or recorded)."""
+    host1 = hosts.hosts[0]
+    commit = commit_on_branch(repos["blog"], "check-mode", "main", {
+        "blog/extra.py": "ANSWER = 42\n"}, "a commit only check mode sees")
+    before = (record(host1, "blog_prod"), host1.run("ls -la --time-style=full-iso "
+                                                    "/home/blog_prod /home/blog_prod/src/blog "
+                                                    "/etc/systemd/system").stdout)
+    rc, output, recap = deploy_only(workdir, collections, inventory, host1, [
+        {"name": "blog_prod", "repo": repos["blog"], "version": "check-mode"}], "--check",
+        "--diff")
+    assert rc == 0, output[-4000:]
+    assert recap["host1"]["changed"] >= 1, output[-4000:]
+    assert "commit: %s" % commit in output, output[-4000:]
+    assert (record(host1, "blog_prod"), host1.run(
+        "ls -la --time-style=full-iso /home/blog_prod /home/blog_prod/src/blog "
+        "/etc/systemd/system").stdout) == before
+    assert host1.run("git --git-dir /var/lib/stagetools-deploy/blog_prod.git cat-file -e %s"
+                     % commit, check=False).returncode != 0

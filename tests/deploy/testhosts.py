@@ -9,8 +9,8 @@ Everything started here is stopped by the same object: containers, mounts, veths
 processes; also on an exception, on SIGINT/SIGTERM (turned into exceptions) and at exit.
 systemd is only ever run by `systemd-nspawn -D <a separate root>`, never on the machine.
 
-    python3 deploy/testhosts.py build             # build or reuse the image, print its path
-    python3 deploy/testhosts.py boot 2 DIR        # boot two hosts, write DIR/inventory.ini,
+    python3 tests/deploy/testhosts.py build             # build or reuse the image, print its path
+    python3 tests/deploy/testhosts.py boot 2 DIR        # boot two hosts, write DIR/inventory.ini,
                                                   # stay up until Ctrl-C
         [--wheelhouse WH] [--copy] [--exit]       # WH at /opt/wheelhouse inside; copies, not
                                                   # overlays; stop again at once (timing)
