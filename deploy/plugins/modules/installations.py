@@ -296,7 +296,10 @@ class Installation:
         if not version or version.startswith("-") or not version.isprintable() or " " in version:
             raise StepFailed(f"version {version!r}: a branch, tag or commit, not an option")
         self.mirror = os.path.join(params["mirror_dir"], f"{self.name}.git")
-        if not os.path.isdir(self.mirror) and not self.check_mode:
+        # Root's mirror is the collection's own: one there before this run (collection 0.1.0
+        # kept no record) means that the collection made the installation.
+        self.mirror_existed = os.path.isdir(self.mirror)
+        if not self.mirror_existed and not self.check_mode:
             os.makedirs(params["mirror_dir"], mode=0o755, exist_ok=True)
             run(["git", "init", "--quiet", "--bare", self.mirror], "git init of the mirror")
         refs = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]  # nothing else
@@ -375,7 +378,7 @@ class Installation:
         self.previous_commit = self.record and self.record["commit"]
         exists = _exists(pwd.getpwnam, system.user) or _exists(grp.getgrnam, system.group)
         if self.record is None:
-            if exists or self.postgresql_role_exists():
+            if (exists or self.postgresql_role_exists()) and not self.mirror_existed:
                 raise StepFailed(f"an account or PostgreSQL role named {self.name} exists that "
                                  "stagetools.deploy did not make (it has no record in "
                                  f"{stagetools._RECORD_DIR}): choose another name; an "
@@ -420,6 +423,7 @@ class Installation:
             self.change(f"base dir {what}")
         if self.check_mode and what:
             return
+        self.run_dir()
         base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             what = [user_dir(base_fd, "media", user.pw_uid, grp.getgrnam(WEB_GROUP).gr_gid,
@@ -432,6 +436,26 @@ class Installation:
         for change in what:
             if change:
                 self.change(change)
+
+    def run_dir(self):
+        """The socket's directory is root's (systemd makes it so); one that an older version
+        gave the user is put right, by descriptor."""
+        run_dir = str(self.system.run_dir)
+        try:
+            info = os.lstat(run_dir)
+        except FileNotFoundError:
+            return
+        if (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (0, 0, 0o755):
+            return
+        self.change(f"{run_dir}: root's, 755")
+        if self.check_mode:
+            return
+        descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(descriptor, 0, 0)
+            os.fchmod(descriptor, 0o755)
+        finally:
+            os.close(descriptor)
 
     def postgresql_role_exists(self):
         if self.system.database != "postgresql" or not shutil.which("psql"):
