@@ -1,0 +1,17 @@
+"""pytest docs/: every page's examples are tests (see examples.py)."""
+
+import doctest
+import os
+import sys
+
+from sybil import Sybil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples import ConsoleParser, DocTestParser, HostSetupParser, teardown  # noqa: E402
+
+pytest_collect_file = Sybil(
+    parsers=[HostSetupParser(), ConsoleParser(),
+             DocTestParser(doctest_optionflags=doctest.ELLIPSIS)],
+    patterns=["*.md"],
+    teardown=teardown,
+).pytest()
