@@ -195,7 +195,8 @@ class HostSetupParser:
 
     def __call__(self, document):
         for region in self.lexer(document):
-            region.parsed = region.lexemes["source"]
+            # <!-- example-host: one command --> or the commands on the lines below
+            region.parsed = f"{region.lexemes['arguments']}\n{region.lexemes['source']}"
             region.evaluator = self.evaluate
             yield region
 
