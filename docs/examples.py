@@ -47,10 +47,11 @@ _GROUP = "root:x:0:\nwww-data:x:33:\nann:x:1000:\nnogroup:x:65534:\n"
 _ENTER = """\
 set -eu
 host=$1
+# The checkout first, into the host's /home: it may itself be below /home or /tmp.
+mount --bind -o ro "$2" "$host/home/ann/src/stagetools"
 mount --bind "$host/passwd" /etc/passwd
 mount --bind "$host/group" /etc/group
-mount --bind "$host/home" /home
-mount --bind -o ro "$2" /home/ann/src/stagetools
+mount --rbind "$host/home" /home
 for dir in /etc/systemd/system /etc/tmpfiles.d /etc/nginx /etc/letsencrypt /var/lib/stagetools; do
     if [ -d "$dir" ]; then mount -t tmpfs -o mode=755 tmpfs "$dir"; fi
 done
