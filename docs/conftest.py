@@ -7,10 +7,11 @@ import sys
 from sybil import Sybil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import ConsoleParser, DocTestParser, HostSetupParser, teardown  # noqa: E402
+from examples import (  # noqa: E402
+    ConsoleParser, DocTestParser, HostSetupParser, RequiresParser, teardown)
 
 pytest_collect_file = Sybil(
-    parsers=[HostSetupParser(), ConsoleParser(),
+    parsers=[RequiresParser(), HostSetupParser(), ConsoleParser(),
              DocTestParser(doctest_optionflags=doctest.ELLIPSIS)],
     patterns=["*.md"],
     teardown=teardown,

@@ -8,6 +8,10 @@
   files to read (settings.py, an app), not run.
 - ``<!-- example-host: commands -->`` runs commands on the page's host without showing them
   (a file the next example needs); they must succeed.
+- ``<!-- example-requires: root -->``: the page's examples from here on skip when not run as
+  root (they fail instead in CI, which is root). In the user namespace of another user, the
+  machine's own files (``/`` among them) belong to nobody, and ``new`` rightly refuses to
+  build below a directory that someone else owns.
 
 Every page has its own host: a Linux machine as a newcomer's is when stagetools has built
 nothing yet. Commands run in a user and mount namespace (``unshare``, no root needed) as
@@ -143,7 +147,7 @@ def _matches(expected, actual):
 
 
 def _host(example):
-    problem = sandbox_problem_once()
+    problem = sandbox_problem_once() or example.namespace.get("requires")
     if problem:
         _skip_or_fail(problem)
     namespace = example.namespace
@@ -206,6 +210,27 @@ class HostSetupParser:
         returncode, output = _host(example).run(example.parsed)
         if returncode != 0:
             return f"the page's host setup failed ({returncode}):\n{example.parsed}\n{output}"
+        return None
+
+
+class RequiresParser:
+    """<!-- example-requires: root -->: the page's later examples need root."""
+
+    def __init__(self):
+        self.lexer = DirectiveInHTMLCommentLexer(directive="example-requires", arguments="root")
+
+    def __call__(self, document):
+        for region in self.lexer(document):
+            region.parsed = region.lexemes["arguments"]
+            region.evaluator = self.evaluate
+            yield region
+
+    @staticmethod
+    def evaluate(example):
+        if os.geteuid() != 0:
+            example.namespace["requires"] = (
+                "needs root: in a user namespace of another user / belongs to nobody, and new "
+                "refuses to build below a directory someone else owns")
         return None
 
 
