@@ -317,9 +317,18 @@ def __getattr__(attribute):
 
 def manage(argv=None):
     """What manage.py does, after aaa_env_setup: ``python -m stagetools_django migrate``."""
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-    from django.core.management import execute_from_command_line
+    try:
+        from django.conf import settings
+        from django.core.exceptions import ImproperlyConfigured
+        from django.core.management import execute_from_command_line
+    except ModuleNotFoundError as error:
+        if error.name != "django":
+            raise
+        print(f"stagetools: error: cannot import Django (python {sys.executable}): "
+              "stagetools_django needs Django 4.2 or newer; install it: "
+              f"{sys.executable} -m pip install 'stagetools[django]' (or 'Django>=4.2')",
+              file=sys.stderr)
+        return 2
     try:
         _env_setup()
         # Load settings here: Django's own command runner hides errors in them.

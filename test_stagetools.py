@@ -35,6 +35,7 @@ import stagetools
 
 HERE = Path(__file__).resolve().parent
 STAGETOOLS = HERE / "stagetools.py"
+ADOPTION_GUIDE = HERE / "docs" / "guides" / "adoption.md"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # .ci/run sets it as root: there nothing may skip, so a missing piece fails the run.
 IN_CI = os.environ.get("STAGETOOLS_CI") == "1"
@@ -2176,7 +2177,7 @@ def test_adopt__same_tests_from_anywhere_and_pages_served(adopted_library, tmp_p
     import django
     if django.VERSION[:2] == (5, 2):  # startproject's files differ between Django versions
         assert (f"command changes {files} files, +{added} \u2212{removed} lines"
-                in (HERE / "README.md").read_text())
+                in ADOPTION_GUIDE.read_text())
     assert not (project / "locallibrary").exists()
     assert not (project / "stagetools_project" / "wsgi.py").exists()
     settings_py = (project / "stagetools_project" / "settings.py").read_text()
@@ -2339,11 +2340,9 @@ def test_prod__debug_on_and_stagetools_name_deleted__still_refused(prod_installa
 
 
 def readme_adoption_blocks():
-    """The Python and TOML code blocks of the README's adoption section, dedented, in order."""
+    """The Python and TOML code blocks of the adoption guide, dedented, in order."""
     import textwrap
-    readme = (HERE / "README.md").read_text()
-    section = readme.split("## Adopting stagetools in an existing Django project")[1]
-    section = section.split("\n## ")[0]
+    section = ADOPTION_GUIDE.read_text()
     return [textwrap.dedent(block) for block in
             re.findall(r"^( *)```(?:python|toml)\n(.*?)^\1```", section, re.M | re.S)
             for block in [block[1]]]
@@ -2375,9 +2374,9 @@ def test_adopt__by_hand_following_the_readme(packaging, tmp_path, shared_dir):
                                       packaging, "stagetools_project/settings.py"])
     files, added, removed = lines_changed(project)
     print(f"\nby hand: {files} files, +{added} -{removed} lines (without the two modules)")
-    readme = (HERE / "README.md").read_text()
+    readme = ADOPTION_GUIDE.read_text()
     import django
-    # The README's count is of the setup.py way with Django 5.2: startproject's files differ
+    # The guide's count is of the setup.py way with Django 5.2: startproject's files differ
     # between Django versions.
     if django.VERSION[:2] == (5, 2) and packaging == "setup.py":
         assert (f"the user adds or changes {added} lines and removes {removed} in {files} "
