@@ -1908,7 +1908,8 @@ def _check_all(args):
         _say(json.dumps({"ok": all(r["ok"] for r in reports), "installations": reports},
                         indent=2))
     else:
-        _say("\n".join(_summary_lines(reports)) or "no installations on this host")
+        _say("\n".join(_summary_lines(reports)) or "no installations on this host (none in "
+             "root's records, no user whose home is a virtualenv named like it)")
     if any(r["could_not_check"] for r in reports):
         return 3
     return 1 if any(r["differences"] for r in reports) else 0

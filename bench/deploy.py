@@ -46,6 +46,10 @@ def run(workdir, many):
     wheelhouse = test_deploy.cached_wheelhouse()
     repos = {name: test_deploy.make_repo(workdir, name + "_dev", framework)
              for name, framework in (("shop", "django"), ("blog", "flask"))}
+    # No host names: no certificate to ask of an ACME server the host cannot reach.
+    with open(os.path.join(repos["shop"], "stagetools.ini"), "w") as f:
+        f.write("[stagetools]\nframework = django\n[prod]\ndatabase = postgresql\n")
+    test_deploy.git(repos["shop"], "commit", "--quiet", "-am", "PROD on PostgreSQL, no names")
     collections = test_deploy.install_collection(workdir)
     with testhosts.TestHosts(os.path.join(workdir, "hosts"), wheelhouse=wheelhouse) as hosts:
         host, = hosts.boot(1)

@@ -17,7 +17,7 @@ Every page has its own host: a Linux machine as a newcomer's is when stagetools 
 nothing yet. Commands run in a user and mount namespace (``unshare``, no root needed) as
 its root, with the checkout read-only at ``/home/ann/src/stagetools`` (the working
 directory), their own ``/home``, ``/tmp`` and ``/run``, an ``/etc/passwd`` of root,
-www-data, nobody and ann, and empty ``/etc/systemd/system``, ``/etc/tmpfiles.d`` and
+www-data, nobody and ann, and empty ``/etc/systemd/system`` and
 ``/etc/nginx``: so what they print does not depend on the machine's users or files, and
 they change nothing outside the page's host. ``python3`` is Debian's ``/usr/bin/python3``.
 The network is the machine's (``new`` installs from PyPI).
@@ -56,7 +56,7 @@ mount --bind -o ro "$2" "$host/home/ann/src/stagetools"
 mount --bind "$host/passwd" /etc/passwd
 mount --bind "$host/group" /etc/group
 mount --rbind "$host/home" /home
-for dir in /etc/systemd/system /etc/tmpfiles.d /etc/nginx /etc/letsencrypt /var/lib/stagetools; do
+for dir in /etc/systemd/system /etc/nginx /etc/letsencrypt /var/lib/stagetools; do
     if [ -d "$dir" ]; then mount -t tmpfs -o mode=755 tmpfs "$dir"; fi
 done
 mount -t tmpfs -o mode=755 tmpfs /run

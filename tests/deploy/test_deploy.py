@@ -831,6 +831,20 @@ def test_a_release_that_fails_never_reaches_users(branch, step, cause, deployed,
     assert re.search(r"^ok: \[host1\]", output.split("Check each installation")[-1], re.M)
 
 
+def test_one_failure_leaves_the_others_served(deployed, workdir, collections, inventory,
+                                              repos, versions, hosts):
+    """A new installation deployed beside a release that fails: it serves through nginx (its
+    site is reloaded although another installation failed), and the play names the failure."""
+    host1 = hosts.hosts[0]
+    rc, output, _ = deploy_only(workdir, collections, inventory, host1, [
+        {"name": "blog_q9", "repo": repos["blog"], "version": "main"},
+        {"name": "shop_prod", "repo": repos["shop"], "version": "bad-start"}])
+    assert rc != 0 and "shop_prod: deploying bad-start" in output, output[-4000:]
+    status, _, body = get(host1, "blog_q9")
+    assert status == 200 and json.loads(body)["name"] == "blog_q9", (status, body)
+    assert check_json(host1, "blog_q9")[0] == 0
+
+
 def test_faults_are_repaired(deployed, workdir, collections, inventory, repos, hosts):
     """A unit edited, the key file made readable, the socket disabled: one run repairs all."""
     host2 = hosts.hosts[1]
@@ -1053,8 +1067,10 @@ def test_an_app_not_named_like_its_repo(deployed, workdir, collections, inventor
     finally:
         host2.run("cp /tmp/library.ini %s" % declaration)
     assert returncode == 1, output
-    assert [(d["what"], d["expected"]) for d in json.loads(output)["differences"]] == [
-        ("actual core_app", "books")], output
+    differences = {d["what"]: d for d in json.loads(output)["differences"]}
+    assert (differences["actual core_app"]["expected"],
+            differences["actual core_app"]["actual"]) == ("books", "library"), output
+    assert all(what.startswith("actual ") for what in differences), output  # nothing else
 
 
 def test_an_account_the_collection_did_not_make_is_refused(deployed, workdir, collections,

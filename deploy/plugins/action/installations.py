@@ -67,8 +67,8 @@ def _git(repo, *args):
     except (OSError, subprocess.TimeoutExpired) as error:
         raise AnsibleActionFail(f"git in {repo} on the controller: {error}") from None
     if done.returncode != 0:
-        raise AnsibleActionFail(f"git {args[0]} in {repo} on the controller: "
-                                f"{(done.stderr or done.stdout).strip()[-500:] or 'no such version'}")
+        why = (done.stderr or done.stdout).strip()[-500:] or "no such version"
+        raise AnsibleActionFail(f"git {args[0]} in {repo} on the controller: {why}")
     return done.stdout.strip()
 
 

@@ -113,8 +113,9 @@ def wait_for_page(socket_path, page, host, scheme, seconds, unit):
     unless systemd says its ``unit`` has failed."""
     deadline = time.monotonic() + seconds
     while True:
+        # a server that accepted no connection yet: the socket queues it, nobody answers
         status, why = get_page(socket_path, page, host, scheme,
-                               timeout=max(1, deadline - time.monotonic()))
+                               timeout=max(1, min(10, deadline - time.monotonic())))
         if status is not None or time.monotonic() > deadline:
             return status, why
         if unit_state(unit)["ActiveState"] == "failed":

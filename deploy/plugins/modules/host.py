@@ -49,9 +49,9 @@ from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
     StepFailed, read_file, remove_file, run, write_file)
 
 # What every installation needs of the host: a command, and the Debian package that has it.
-COMMANDS = {"git": "git", "systemd-run": "systemd", "journalctl": "systemd", "runuser": "util-linux",
-            "openssl": "openssl", "nginx": "nginx-light"}
-DEFAULT_SITE = "/etc/nginx/sites-available/stagetools-default.conf"
+COMMANDS = {"git": "git", "systemd-run": "systemd", "journalctl": "systemd",
+            "runuser": "util-linux", "openssl": "openssl", "nginx": "nginx-light"}
+DEFAULT_SITE = f"{stagetools._NGINX_DIR}/{stagetools._DEFAULT_SITE}.conf"
 
 
 def prerequisites():

@@ -292,6 +292,8 @@ class Installation:
         """The commit to deploy in root's mirror; returns its declaration."""
         params = self.params
         stagetools.parse_name(self.name)
+        self.record = stagetools._read_record(self.name)  # what serves, for a failure's message
+        self.previous_commit = self.record and self.record["commit"]
         version = params["version"]
         if not version or version.startswith("-") or not version.isprintable() or " " in version:
             raise StepFailed(f"version {version!r}: a branch, tag or commit, not an option")
@@ -374,9 +376,8 @@ class Installation:
         group, the user, the base dir and media/."""
         self.step = "account"
         system = self.system
-        self.record = stagetools._read_record(self.name)
-        self.previous_commit = self.record and self.record["commit"]
-        exists = _exists(pwd.getpwnam, system.user) or _exists(grp.getgrnam, system.group)
+        exists = (stagetools._exists(pwd.getpwnam, system.user)
+                  or stagetools._exists(grp.getgrnam, system.group))
         if self.record is None:
             if (exists or self.postgresql_role_exists()) and not self.mirror_existed:
                 raise StepFailed(f"an account or PostgreSQL role named {self.name} exists that "
@@ -386,17 +387,17 @@ class Installation:
             self.change(f"record {self.name} in {stagetools._RECORD_DIR}")
             if not self.check_mode:
                 stagetools._write_record(self.record_of(None, None))
-        if not _exists(grp.getgrnam, system.group):
+        if not stagetools._exists(grp.getgrnam, system.group):
             self.change(f"group {system.group}")
             if not self.check_mode:
                 run(["groupadd", system.group], "groupadd")
-        if not _exists(pwd.getpwnam, system.user):
+        if not stagetools._exists(pwd.getpwnam, system.user):
             self.change(f"user {system.user}")
             if not self.check_mode:
                 run(["useradd", "--gid", system.group, "--no-create-home", "--home-dir",
                      str(system.base_dir), "--shell", "/usr/sbin/nologin", system.user],
                     "useradd")
-        if self.check_mode and not _exists(pwd.getpwnam, system.user):
+        if self.check_mode and not stagetools._exists(pwd.getpwnam, system.user):
             return
         self.directories()
 
@@ -827,7 +828,8 @@ class Installation:
                     taken += [f"{SITES_ENABLED}/{entry} serves {name}"
                               for name in words[1:] if name in names]
         if taken:
-            raise StepFailed(f"another nginx site serves its names: {'; '.join(sorted(set(taken)))}")
+            raise StepFailed("another nginx site serves its names: "
+                             + "; ".join(sorted(set(taken))))
 
     def certificate(self):
         """certbot certonly by the webroot method, only for a certificate that is missing, due,
@@ -869,14 +871,6 @@ class Installation:
             return f"lacks {' '.join(sorted(lacking))}"
         days = (not_after - datetime.datetime.now().timestamp()) / 86400
         return f"expires in {days:.0f} days" if days < CERTIFICATE_RENEW_DAYS else ""
-
-
-def _exists(lookup, name):
-    try:
-        lookup(name)
-    except KeyError:
-        return False
-    return True
 
 
 def _service_lines(system):
@@ -947,7 +941,7 @@ def main():
         missing = missing_commits(module)
     except (StepFailed, stagetools.StagetoolsError) as error:
         module.fail_json(msg=str(error), installations={})
-    if missing and not module.check_mode:
+    if set(missing) - set(module.params["declarations"]):  # check mode: send declarations
         module.exit_json(changed=False, needs_commits=missing, installations={})
     shared = threading.Lock()  # accounts, units, certificates, nginx: one at a time
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
