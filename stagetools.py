@@ -983,7 +983,7 @@ def _write_record(record):
 def _expected_from_record(record, core_repo=None, **given):
     """The expected system of a recorded installation: its deployed commit's declaration
     (as root kept it) and core repo; ``given`` choices may only repeat them."""
-    name, commit = record["name"], record["commit"][:12]
+    name, commit = record["name"], (record["commit"] or "none yet")[:12]
     if core_repo not in (None, record["core_repo"]):
         raise StagetoolsError(f"core_repo {core_repo!r}", f"{name} was deployed with "
                               f"core_repo {record['core_repo']!r} (root's record)",

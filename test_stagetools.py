@@ -560,6 +560,84 @@ def test_declaration__read_by_show_and_by_the_installation_flags_cannot_contradi
     assert result.returncode == 2 and "is a symbolic link" in result.stderr
 
 
+def test_declaration__core_app_a_module_declared_once(tmp_path):
+    """A core app not named like the repo is declared where both sides read it: a module path
+    (an app inside the settings package is 'mysite.articles'); a given one may only repeat it."""
+    text = "[stagetools]\nframework = flask\ncore_app = books\n[shop_dev]\ncore_app = mysite.articles\n"
+    assert stagetools.parse_declaration(text, "shop_prod") == {"framework": "flask",
+                                                               "core_app": "books"}
+    prod = stagetools.get_expected_system_from_name(
+        "shop_prod", declared=stagetools.parse_declaration(text, "shop_prod"))
+    assert (prod.core_app, prod.wsgi_application, prod.core_repo) == (
+        "books", "books:application", "shop")
+    dev = stagetools.get_expected_system_from_name(
+        "shop_dev", declared=stagetools.parse_declaration(text, "shop_dev"))
+    assert dev.core_app == "mysite.articles"
+    assert stagetools.get_expected_system_from_name(
+        "shop_prod", core_app="books", declared={"core_app": "books"}).core_app == "books"
+    with pytest.raises(stagetools.StagetoolsError, match="the repo declares core_app = books"):
+        stagetools.get_expected_system_from_name("shop_prod", core_app="other",
+                                                 declared={"core_app": "books"})
+    for value in ("books-1", "mysite..articles", "class", "mysite.class", "bücher"):
+        with pytest.raises(stagetools.StagetoolsError, match="line 2: invalid core_app"):
+            stagetools.parse_declaration(f"[stagetools]\ncore_app = {value}\n", "shop_prod",
+                                         "the declaration")
+    # new writes a core app of its own into the declaration, not into aaa_env_setup.py
+    files = stagetools.render_starter(stagetools.get_expected_system_from_name(
+        "library_dev", core_app="books", framework="flask", declared={}))
+    assert "core_app = books\n" in files["stagetools.ini"]
+    assert "core_app" not in files["aaa_env_setup.py"] and "books/__init__.py" in files
+    result = cli("new", tmp_path / "library_dev", "--core-app", "library.books")
+    assert result.returncode == 2 and "give a name without dots" in result.stderr
+
+
+RECORD = {"name": "shop_qual", "commit": "a" * 40, "repo": "/srv/git/shop", "version": "v2",
+          "core_repo": "shop", "declaration": "[stagetools]\nserver = gunicorn\n",
+          "previous": None, "deployed_at": "2026-12-01T12:00:00Z"}
+
+
+@contextlib.contextmanager
+def recorded(record, directory):
+    """Root's record of a deployment, written to ``directory`` (stagetools' _RECORD_DIR for
+    the time being) as the collection writes it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stagetools, "_RECORD_DIR", str(directory))
+        stagetools._write_record(record)
+        yield directory / f"{record['name']}.json"
+
+
+@pytest.mark.skipif(not IS_ROOT and not IN_CI, reason="the record is root's: needs root")
+def test_record__root_s_alone_of_a_record_s_shape(tmp_path):
+    with recorded(RECORD, tmp_path) as path:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.stat().st_uid == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stagetools, "_RECORD_DIR", str(tmp_path))
+            assert stagetools._read_record("shop_qual") == RECORD
+            assert stagetools._read_record("shop_dev") is None
+            expected = stagetools._expected_from_record(RECORD)
+            assert (expected.server, expected.core_repo) == ("gunicorn", "shop")
+            with pytest.raises(stagetools.StagetoolsError, match="deployed with core_repo"):
+                stagetools._expected_from_record(RECORD, core_repo="other")
+            claimed = dict(RECORD, commit=None, declaration=None)  # made, never served
+            assert stagetools._expected_from_record(claimed).server == "gunicorn"
+            for broken, rule in ((lambda: path.chmod(0o666), "it is not root's alone"),
+                                 (lambda: os.chown(path, 65534, 0), "it is not root's alone"),
+                                 (lambda: path.write_text("{}"), "it is not a record"),
+                                 (lambda: path.write_text(json.dumps(dict(RECORD, commit="x"))),
+                                  "it is not a record"),
+                                 (lambda: path.write_text("["), "it is not JSON")):
+                stagetools._write_record(RECORD)
+                broken()
+                with pytest.raises(stagetools.StagetoolsError, match=rule):
+                    stagetools._read_record("shop_qual")
+            path.unlink()
+            path.symlink_to(tmp_path / "elsewhere.json")
+            with pytest.raises(stagetools.StagetoolsError, match="it is a symbolic link"):
+                stagetools._read_record("shop_qual")
+            with pytest.raises(stagetools.StagetoolsError, match="invalid installation name"):
+                stagetools._read_record("../etc")
+
+
 # ---------------------------------------------------------------- host names and HTTPS
 
 BAD_HOST_NAMES = {
@@ -1618,6 +1696,26 @@ def test_check__constructed_installation_holds(three_installations, shared_dir):
     print(f"check --all: {len(audit.stdout.splitlines())} installations in {seconds:.2f} s")
     report = json.loads(cli("check", "--all", "--json").stdout)
     assert report["ok"] and {r["name"] for r in report["installations"]} >= set(SERVER_OF)
+
+
+@needs_deploy_tools
+def test_check__follows_root_s_record_not_the_checkout(three_installations, tmp_path):
+    """An installation a deploy tool recorded is checked as its deployed commit declares,
+    whatever its checkout says, and check --all lists it even if its pyvenv.cfg is a link."""
+    record = dict(RECORD, declaration="[stagetools]\nserver = gunicorn\n")  # not hypercorn
+    with recorded(record, tmp_path), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stagetools, "_RECORD_DIR", str(tmp_path))
+        report = stagetools._check_report(stagetools._expected_on_this_host("shop_qual", None))
+        assert "file /etc/systemd/system/shop_qual.service" in [
+            difference["what"] for difference in report["differences"]], report
+        pyvenv = Path("/home/shop_qual/pyvenv.cfg")
+        with fault(lambda: (pyvenv.rename("/home/shop_qual/pyvenv.away"),
+                            pyvenv.symlink_to("/home/shop_qual/pyvenv.away")),
+                   lambda: (pyvenv.unlink(), Path("/home/shop_qual/pyvenv.away").rename(pyvenv))):
+            found = stagetools._installations_on_this_host()
+            assert found["shop_qual"] is None  # from the record, not from its files
+    assert stagetools._installations_on_this_host()["shop_qual"] == "/home/shop_qual"
+    assert check("shop_qual") == (0, {})
 
 
 @contextlib.contextmanager
