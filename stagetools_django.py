@@ -789,7 +789,8 @@ def _adopt_requirements(directory, database):
         if name(requirement) == "django" and not _adopt_allows(requirement, floor):
             _adopt_refuse(directory, f"{where} requires {requirement}, but stagetools_django "
                           f"needs {floor} (4.2 LTS or newer)", "upgrade the project to "
-                          f"Django 4.2 or newer ({floor},<6, say), run its tests, then adopt")
+                          "Django 4.2 LTS or newer (Django~=4.2, say), run its tests, then "
+                          "adopt")
     names = {name(requirement) for requirement, _ in own}
     return [requirement for requirement, _ in own] + [
         requirement for requirement in stagetools.FRAMEWORKS["django"]["requirements"]
