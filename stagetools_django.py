@@ -480,12 +480,13 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
     written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
                "stagetools_django.py", stagetools.DECLARATION_FILE, "setup.py"]
     _adopt_refuse_what_is_in_the_way(directory, written)
-    references = _adopt_references(directory, package, package_goes,
-                                   {f"{package}/{name}" for name in sources} | {"manage.py"})
+    references = _adopt_references(directory, package, package_goes, _adopt_project_texts(
+        directory, {f"{package}/{name}" for name in sources} | {"manage.py"}))
     if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
         _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
                       "run adopt as the user who owns the project")
-    settings_text, removed, notes = _adopt_settings(moved["settings.py"], database)
+    moved["settings.py"], removed, notes = _adopt_settings(moved["settings.py"], database)
+    moved.update(_adopt_references(directory, package, package_goes, moved))
 
     # The project's DEV installation, in this user's home; the starter written for it declares
     # the core app in stagetools.ini, which both the installation and the deploy side read.
@@ -505,8 +506,8 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
 
     # Everything is known and checked: now change the tree.
     try:
-        _adopt_apply(directory, package, package_goes, settings_text, removed, notes,
-                     moved["urls.py"], references, starter["manage.py"], files)
+        _adopt_apply(directory, package, package_goes, moved, removed, notes, references,
+                     starter["manage.py"], files)
     except OSError as error:
         raise stagetools.StagetoolsError(f"adopting '{directory}' stopped", f"{error}; "
                                          "every file is whole, but the steps printed above "
@@ -545,11 +546,15 @@ def _adopt_settings_package(directory):
     split = sorted(name for name in (os.listdir(path / "settings") if os.path.isdir(
         path / "settings") and not os.path.islink(path / "settings") else [])
         if name.endswith(".py"))
-    if split or settings.count(".") != 1 or not settings.endswith(".settings"):
+    if split or settings.startswith(f"{package}.settings."):
         _adopt_refuse(directory, f"its settings are split ({settings}"
                       + (f": {package}/settings/{', '.join(split)}" if split else "") + "), "
                       "but an installation has one settings module, whose stage its name "
                       "gives", _ADOPT_FIX_SPLIT.format(package=package))
+    if settings != f"{package}.settings":
+        _adopt_refuse(directory, f"its manage.py names {settings}, not PACKAGE.settings as "
+                      "django-admin startproject writes it",
+                      "adopt by hand: see docs/guides/adoption.md, 'By hand'")
     try:
         info = os.lstat(path / "settings.py")
     except OSError:
@@ -588,16 +593,17 @@ def _adopt_assignments(directory, package, module):
     return assignments
 
 
-def _adopt_literal(node, assignments=None):
+def _adopt_literal(node, assignments=None, following=()):
     """The value of a literal (a list of strings: INSTALLED_APPS), following names bound to
     literals and + between lists; None if it is not that simple."""
     import ast
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = _adopt_literal(node.left, assignments), _adopt_literal(node.right,
-                                                                             assignments)
+        left, right = (_adopt_literal(side, assignments, following)
+                       for side in (node.left, node.right))
         return left + right if isinstance(left, list) and isinstance(right, list) else None
     if isinstance(node, ast.Name) and assignments and node.id in assignments:
-        return _adopt_literal(assignments[node.id].value, assignments)
+        return None if node.id in following else _adopt_literal(
+            assignments[node.id].value, assignments, (*following, node.id))
     try:
         value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -673,12 +679,14 @@ def _adopt_database(directory, given, assignments):
     if database != "sqlite" or statement is None:
         return database, None
     for text in strings:  # BASE_DIR / 'db.sqlite3': a file of the repo
+        relative = os.path.normpath(text)
         try:
-            info = os.lstat(directory / text)
+            info = os.lstat(directory / relative)
         except (OSError, ValueError):
             continue
-        if text and stat.S_ISREG(info.st_mode):
-            return database, os.path.relpath(directory / text, directory)
+        if not (os.path.isabs(relative) or relative.startswith("..")) \
+                and stat.S_ISREG(info.st_mode):
+            return database, relative
     return database, None
 
 
@@ -845,19 +853,36 @@ def _adopt_refuse_what_is_in_the_way(directory, written):
                       "(docs/guides/adoption.md)")
 
 
-def _adopt_references(directory, package, package_goes, skipped):
-    """{path: new text} of the project's files that name the settings module or the root
-    URLconf by the old package ('mysite.settings' becomes 'stagetools_project.settings');
-    a reference that cannot be rewritten (to an entry point or a package that goes) is
-    refused. Virtualenvs, hidden folders and links are not the project's."""
+def _adopt_project_texts(directory, skipped):
+    """{path: text} of the project's Python files and the configuration files at its top
+    that may name its settings module; virtualenvs, hidden folders and links are not the
+    project's, and the files of ``skipped`` adopt writes itself."""
+    texts = {}
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = sorted(entry for entry in subfolders if not entry.startswith(".")
+                               and entry not in ("node_modules", "__pycache__")
+                               and not os.path.exists(os.path.join(folder, entry, "pyvenv.cfg")))
+        for entry in sorted(names):
+            relative = os.path.relpath(os.path.join(folder, entry), directory)
+            if relative not in skipped and not os.path.islink(os.path.join(folder, entry)) and (
+                    entry.endswith(".py") or folder == str(directory)
+                    and entry in _ADOPT_CONFIG_FILES):
+                texts[relative] = _adopt_read(directory, relative)
+    return texts
+
+
+def _adopt_references(directory, package, package_goes, texts):
+    """{path: new text} of those of ``texts`` that name the settings module or the root
+    URLconf by the old package ('mysite.settings' becomes 'stagetools_project.settings'); a
+    reference that cannot be rewritten (to an entry point or a package that goes) is refused."""
     import re
     name, moved = re.escape(package), {module[:-3] for module in _ADOPT_MOVED}
     dotted = re.compile(rf"(?<![\w.]){name}\.({'|'.join(sorted(moved))})\b")
     imported = re.compile(rf"\bfrom(\s+){name}(\s+import\s+\(?\s*)(\w+(?:\s*,\s*\w+)*)")
     gone = re.compile(rf"(?<![\w.]){name}\.(wsgi|asgi)\b" + (
         rf"|\b(import|from)\s+{name}\b" if package_goes else ""))
-
-    def rewritten(relative, text):
+    changed = {}
+    for relative, text in texts.items():
         def from_import(found):
             names = {part.strip() for part in found.group(3).split(",")}
             if names & moved and names - moved:
@@ -868,30 +893,16 @@ def _adopt_references(directory, package, package_goes, skipped):
             return found.group(0) if not names & moved else \
                 f"from{found.group(1)}{stagetools.DJANGO_PROJECT}{found.group(2)}{found.group(3)}"
 
-        text = imported.sub(from_import, dotted.sub(rf"{stagetools.DJANGO_PROJECT}.\1", text))
-        leftover = gone.search(text)
+        new = imported.sub(from_import, dotted.sub(rf"{stagetools.DJANGO_PROJECT}.\1", text))
+        leftover = gone.search(new)
         if leftover:
-            _adopt_refuse(directory, f"{relative} line {text.count(chr(10), 0, leftover.start()) + 1} "
-                          f"names {leftover.group(0)}, which adoption removes", "remove that "
-                          "reference (the entry points are stagetools_django:wsgi_application "
-                          "and :asgi_application), then adopt")
-        return text
-
-    changed = {}
-    for folder, subfolders, names in os.walk(directory):
-        subfolders[:] = sorted(entry for entry in subfolders if not entry.startswith(".")
-                               and entry not in ("node_modules", "__pycache__")
-                               and not os.path.exists(os.path.join(folder, entry, "pyvenv.cfg")))
-        for entry in sorted(names):
-            relative = os.path.relpath(os.path.join(folder, entry), directory)
-            if relative in skipped or os.path.islink(os.path.join(folder, entry)) or not (
-                    entry.endswith(".py") or folder == str(directory)
-                    and entry in _ADOPT_CONFIG_FILES):
-                continue
-            text = _adopt_read(directory, relative)
-            new = rewritten(relative, text)
-            if new != text:
-                changed[relative] = new
+            line = new.count("\n", 0, leftover.start()) + 1
+            _adopt_refuse(directory, f"{relative} line {line} names {leftover.group(0)}, "
+                          "which adoption removes", "remove that reference (the entry points "
+                          "are stagetools_django:wsgi_application and :asgi_application), "
+                          "then adopt")
+        if new != text:
+            changed[relative] = new
     return changed
 
 
@@ -981,16 +992,15 @@ def _adopt_drop_orphaned_comments(lines, drop):
                 changed = True
 
 
-def _adopt_apply(directory, package, package_goes, settings_text, removed, notes, urls_text,
-                 references, manage_text, files):
+def _adopt_apply(directory, package, package_goes, moved, removed, notes, references,
+                 manage_text, files):
     """Change the tree as adopt decided, saying each step."""
     import shutil
     old, new = directory / package, directory / stagetools.DJANGO_PROJECT
     os.mkdir(new)
     _adopt_write(new / "__init__.py", "")
-    _adopt_write(new / "settings.py", settings_text)
-    _adopt_write(new / "urls.py", urls_text)
-    for name in _ADOPT_MOVED:
+    for name, text in moved.items():
+        _adopt_write(new / name, text)
         (old / name).unlink()
     print(f"moved {package}/settings.py and {package}/urls.py to {stagetools.DJANGO_PROJECT}/ "
           "(every installation's settings module and root URLconf)")

@@ -2092,20 +2092,20 @@ class CatalogTests(TestCase):
 }
 LIBRARY_PASSWORD = "a-long-library-password"
 
+def app_config(module, label=None):
+    """An app's apps.py as startapp writes it, named by its module (and a label of its own)."""
+    return (f"from django.apps import AppConfig\n\n\nclass {module.split('.')[-1].title()}"
+            f"Config(AppConfig):\n    default_auto_field = \"django.db.models.BigAutoField\"\n"
+            f"    name = \"{module}\"\n" + (f"    label = \"{label}\"\n" if label else ""))
+
+
 # The layout of issue 21: three apps inside the settings package (mysite/settings.py beside
 # mysite/accounts/, mysite/articles/, mysite/comments/), named mysite.accounts and so on, one
 # with an app label of its own; a sign-in page of its own; relative imports in urls.py; a
 # developer's local settings imported if present; requirements in an included file.
 BLOG_FILES = {
     "mysite/accounts/__init__.py": "",
-    "mysite/accounts/apps.py": """\
-from django.apps import AppConfig
-
-
-class AccountsConfig(AppConfig):
-    default_auto_field = "django.db.models.BigAutoField"
-    name = "mysite.accounts"
-""",
+    "mysite/accounts/apps.py": app_config("mysite.accounts"),
     "mysite/accounts/models.py": """\
 from django.conf import settings
 from django.db import models
@@ -2156,15 +2156,7 @@ class SignInTests(TestCase):
         self.assertEqual(Profile.objects.create(user=user, bio="hi").user, user)
 """,
     "mysite/articles/__init__.py": "",
-    "mysite/articles/apps.py": """\
-from django.apps import AppConfig
-
-
-class ArticlesConfig(AppConfig):
-    default_auto_field = "django.db.models.BigAutoField"
-    name = "mysite.articles"
-    label = "blog_articles"
-""",
+    "mysite/articles/apps.py": app_config("mysite.articles", label="blog_articles"),
     "mysite/articles/models.py": """\
 from django.conf import settings
 from django.db import models
@@ -2245,14 +2237,7 @@ class ArticleTests(TestCase):
         self.assertEqual(Article._meta.db_table, "blog_articles_article")
 """,
     "mysite/comments/__init__.py": "",
-    "mysite/comments/apps.py": """\
-from django.apps import AppConfig
-
-
-class CommentsConfig(AppConfig):
-    default_auto_field = "django.db.models.BigAutoField"
-    name = "mysite.comments"
-""",
+    "mysite/comments/apps.py": app_config("mysite.comments"),
     "mysite/comments/models.py": """\
 from django.conf import settings
 from django.db import models
