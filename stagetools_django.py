@@ -1059,7 +1059,8 @@ def _adopt_write(path, text):
 def _adopt_next_steps(directory, system, database_file):
     """The commands that make the DEV installation of the adopted repo, as lines to print:
     its virtualenv, the repo at core_repo_dir (where the installation and the deploy side
-    read its stagetools.ini), the project's SQLite data as its database, private (0600)."""
+    read its stagetools.ini), the project's SQLite data as its database, private (0600); for
+    PostgreSQL first its role and database."""
     import shlex
 
     def command(*parts, private=False):  # private: under umask 077, in a subshell
@@ -1067,9 +1068,15 @@ def _adopt_next_steps(directory, system, database_file):
         return f"  (umask 077 && {line})" if private else f"  {line}"
 
     repo, database = system.core_repo_dir, system.database_sqlite_path
-    steps = [f"\nMake its DEV installation {system.name} (its virtualenv, the repo in it, "
-             "its database: yours alone), with:",
-             command(sys.executable, "-m", "venv", system.base_dir, private=True)]
+    steps = [f"\nAs root, its PostgreSQL role and database (peer authentication lets the OS "
+             f"user {system.name} in as the role {system.name}):",
+             command("runuser", "-u", "postgres", "--", "createuser", system.database_user),
+             command("runuser", "-u", "postgres", "--", "createdb", "--owner",
+                     system.database_user, system.database_name),
+             ] if system.database == "postgresql" else []
+    steps += [f"\nMake its DEV installation {system.name} (its virtualenv, the repo in it, "
+              "its database: yours alone), with:",
+              command(sys.executable, "-m", "venv", system.base_dir, private=True)]
     if directory != repo:
         steps += [command("mkdir", "-p", system.src_dir), command("mv", directory, repo)]
     if database_file:
