@@ -708,7 +708,9 @@ def _adopt_moved_module(directory, package, name, source):
                           f"points into {stagetools.DJANGO_PROJECT}/ once the module moves "
                           f"there", f"write that path from BASE_DIR (BASE_DIR / '{package}' / "
                           "...), then adopt")
-        if isinstance(node, ast.ImportFrom) and node.level:
+    imports = [node for node in ast.walk(module) if isinstance(node, ast.ImportFrom)]
+    for node in sorted(imports, key=lambda node: (node.lineno, -node.col_offset)):
+        if node.level:  # rewritten from the right, so that columns to the left still hold
             line = lines[node.lineno - 1]
             head = re.compile(r"from(\s+)\.(?!\.)(\s*)").match(line, node.col_offset)
             if node.level > 1 or head is None:
@@ -765,7 +767,8 @@ def _adopt_requirements(directory, database):
         return re.split(r"[\s<>=!~;@\[]", requirement)[0].lower().replace("_", "-")
 
     def read(relative, included_by):
-        if relative.startswith("..") or relative in seen or len(seen) > 32:
+        if os.path.isabs(relative) or relative.startswith("..") or relative in seen \
+                or len(seen) > 32:
             _adopt_refuse(directory, f"{included_by} includes {relative}, outside the repo or "
                           "twice", "include each requirements file of the repo once")
         seen.add(relative)

@@ -2848,6 +2848,10 @@ def test_adopt__links_are_refused_unopened(tmp_path):
     (included / "requirements.txt").write_text("-r reqs/base.txt\n")
     (included / "reqs").symlink_to(outside)
     refused_unchanged(included, message="reqs/base.txt is, or lies below, a symbolic link")
+    absolute = startproject_with_app(tmp_path / "absolute")
+    (absolute / "requirements.txt").write_text(f"-r {outside / 'base.txt'}\n")
+    refused_unchanged(absolute, message=f"requirements.txt:1 includes {outside / 'base.txt'}, "
+                      "outside the repo")
     package = startproject_with_app(tmp_path / "package")
     (package / "mysite").rename(outside / "mysite")
     (package / "mysite").symlink_to(outside / "mysite")
