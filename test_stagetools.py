@@ -2585,12 +2585,12 @@ def test_adopt__manage_py_without_its_virtualenv_says_which_python(adopted_blog)
         result.stderr, result.stderr
 
 
-def installed_copy(name, repo, shared_dir, user=None):
-    """An installation of an adopted repo as the deploy makes it: a virtualenv at /home/NAME
-    (or a temporary NAME) under umask 077, the repo copied to src/, installed, migrated,
-    its static files collected; as ``user`` if given. Returns the expected system."""
-    base_dir = Path(f"/home/{name}") if user else Path(tempfile.mkdtemp()) / name
-    expected = show_json(name, "--expected", "--base-dir", base_dir, "--declaration",
+def installed_copy(base_dir, repo, shared_dir, user=None):
+    """An installation of an adopted repo as the deploy makes it: a virtualenv at base_dir
+    (named like the installation) under umask 077, the repo copied to src/, installed,
+    migrated, its static files collected, a user ann; as ``user`` if given. Returns the
+    expected system."""
+    expected = show_json(base_dir.name, "--expected", "--base-dir", base_dir, "--declaration",
                          repo / "stagetools.ini")
     as_user = ["runuser", "-u", user, "--"] if user else []
     env = installation_env(shared_dir, HOME=str(base_dir))
@@ -2620,7 +2620,8 @@ PRODUCTION_PASSWORD = "a-long-production-password"
 @pytest.mark.django
 def test_adopt__prod_check_deploy_clean_and_plain_http_403_says_why(adopted_library, shared_dir,
                                                                      tmp_path):
-    expected = installed_copy("locallibrary_prod", adopted_library["repo"], shared_dir)
+    expected = installed_copy(tmp_path / "locallibrary_prod", adopted_library["repo"],
+                              shared_dir)
     python = expected["python_path"]
     deploy = run([python, "-m", "stagetools_django", "check", "--deploy", "--fail-level",
                   "DEBUG"], cwd="/", check=False)
@@ -2665,7 +2666,8 @@ def test_adopt__prod_behind_nginx_as_its_own_user_check_holds(site, request, sha
     name = f"{expected_site['repo']}_prod"
     with contextlib.ExitStack() as stack:
         stack.enter_context(os_user(name))
-        expected = installed_copy(name, adopted["repo"], shared_dir, user=name)
+        expected = installed_copy(Path("/home") / name, adopted["repo"], shared_dir,
+                                  user=name)
         install_services(expected, stack)
         deploy = run(["runuser", "-u", name, "--", expected["python_path"], "-m",
                       "stagetools_django", "check", "--deploy", "--fail-level", "DEBUG"],
@@ -2945,7 +2947,7 @@ def test_adopt__by_hand_following_the_guide(packaging, tmp_path, shared_dir):
                 "files") in guide
     # Step 7: the repo in src/ of a virtualenv named like an installation; from outside the
     # repo, the same tests with the same result.
-    expected = installed_copy("locallibrary_int", project, shared_dir)
+    expected = installed_copy(tmp_path / "locallibrary_int", project, shared_dir)
     python = expected["python_path"]
     after = run([python, "-m", "stagetools_django", "test"], cwd="/", check=False)
     assert runner_counts(after.stderr) == before == ("Ran 5 tests", "OK"), after.stderr
