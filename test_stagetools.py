@@ -2923,7 +2923,7 @@ def test_adopt__by_hand_following_the_guide(packaging, tmp_path, shared_dir):
         (project / "stagetools_project" / name).unlink()
     for module in ("stagetools.py", "stagetools_django.py"):
         shutil.copy(HERE / module, project / module)
-    # Steps 3 to 6: each file as the guide's block that names it in its first line; of
+    # Steps 3 to 7: each file as the guide's block that names it in its first line; of
     # the two packaging files, the one this run tries.
     written = []
     for block in guide_adoption_blocks():
@@ -2945,7 +2945,7 @@ def test_adopt__by_hand_following_the_guide(packaging, tmp_path, shared_dir):
     if django.VERSION[:2] == (5, 2) and packaging == "setup.py":
         assert (f"the user adds or changes {added} lines and removes {removed} in {files} "
                 "files") in guide
-    # Step 7: the repo in src/ of a virtualenv named like an installation; from outside the
+    # Step 8: the repo in src/ of a virtualenv named like an installation; from outside the
     # repo, the same tests with the same result.
     expected = installed_copy(tmp_path / "locallibrary_int", project, shared_dir)
     python = expected["python_path"]
