@@ -1662,8 +1662,9 @@ def _parser():
             "--database", "--core-repo", "--core-app", "--python",
             positional=("directory", dict(help="the new installation's dir, named like it: "
                                                "/tmp/shop_dev")))
-    command("adopt", "adopt a Django project made by django-admin startproject, in place; "
-            "prints what is left to do by hand", "--database", "--core-repo", "--core-app",
+    command("adopt", "adopt a Django project made by django-admin startproject, in place, "
+            "or refuse and change nothing; prints the commands that make its DEV installation",
+            "--database", "--core-repo", "--core-app",
             positional=("directory", dict(help="the project's top directory, with manage.py")))
     command("check", "compare an installation on disk with its expected system; exit 1 on "
             "any difference, 3 if it could not be checked", "name", "--all", "--base-dir",
@@ -2282,15 +2283,13 @@ globals().update(settings_defaults())
 """,
     "stagetools_project/urls.py": """\
 from django.contrib import admin
-from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 
+# Static files: with DEBUG on the entry points serve them, as runserver does; else nginx.
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("$core_app.urls")),
 ]
-# Only with DEBUG on; in production nginx serves static files.
-urlpatterns += staticfiles_urlpatterns()
 """,
     "$core_app/__init__.py": "",
     "$core_app/models.py": """\

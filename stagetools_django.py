@@ -110,7 +110,7 @@ def settings_defaults(database=None, system=None):
         "INSTALLED_APPS": [
             "django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
             "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles",
-        ] + ([system.core_app] if importlib.util.find_spec(system.core_app) else []),
+        ] + ([system.core_app] if _importable(system.core_app) else []),
         "MIDDLEWARE": [
             "django.middleware.security.SecurityMiddleware",
             "django.contrib.sessions.middleware.SessionMiddleware",
@@ -164,6 +164,14 @@ def settings_defaults(database=None, system=None):
     return settings
 
 
+def _importable(module):
+    """Whether a module (a dotted path too) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def _project_dir(system):
     """The directory that holds the settings package (and manage.py): Django's BASE_DIR."""
     from pathlib import Path
@@ -200,14 +208,16 @@ def check_settings(app_configs=None, **kwargs):
             f"the default database is {database.get('NAME')!r}, not the installation's "
             f"{wanted!r}", hint="remove the NAME override from DATABASES in your settings",
             id="stagetools.W003"))
-    installed = {entry.split(".")[0] for entry in settings.INSTALLED_APPS}
-    if system.core_app not in installed:
+    from django.apps import apps
+    # The modules of the installed apps: 'catalog' for 'catalog.apps.CatalogConfig'.
+    if system.core_app not in {config.name for config in apps.get_app_configs()}:
         problems.append(Warning(
             f"the core app {system.core_app!r} of {system.name!r} is not in INSTALLED_APPS"
-            + ("" if importlib.util.find_spec(system.core_app) else
+            + ("" if _importable(system.core_app) else
                f" (no package {system.core_app!r} is importable)"),
-            hint="name your app in aaa_env_setup.py: get_actual_system_from_name("
-                 "core_app=\"yourapp\"); add further apps with INSTALLED_APPS += [\"other\"]",
+            hint=f"declare your main app in the repo's {stagetools.DECLARATION_FILE}: "
+                 "core_app = yourapp (its module, as INSTALLED_APPS names it: "
+                 "mysite.articles); add further apps with INSTALLED_APPS += [\"other\"]",
             id="stagetools.W004"))
     return problems
 
@@ -232,14 +242,27 @@ def csrf_failure(request, reason=""):
     return HttpResponseForbidden(message + "\n", content_type="text/plain; charset=utf-8")
 
 
-def _build_application(get_application):
-    """Django's own application, after aaa_env_setup, refused if the settings are unsafe."""
+def _build_application(interface):
+    """Django's own ASGI or WSGI application, after aaa_env_setup, refused if the settings
+    are unsafe. With DEBUG on it serves static files as runserver does (from the apps'
+    static/ folders, through staticfiles' handler); with DEBUG off nginx serves them."""
+    from django.apps import apps
+    from django.conf import settings
+    from django.contrib.staticfiles import handlers
     from django.core.exceptions import ImproperlyConfigured
+    if interface == "asgi":
+        from django.core.asgi import get_asgi_application as get_application
+        static_handler = handlers.ASGIStaticFilesHandler
+    else:
+        from django.core.wsgi import get_wsgi_application as get_application
+        static_handler = handlers.StaticFilesHandler
     _env_setup()
     application = get_application()
     for problem in check_settings():
         if problem.is_serious():
             raise ImproperlyConfigured(f"{problem.msg}: {problem.hint} ({problem.id})")
+    if settings.DEBUG and apps.is_installed("django.contrib.staticfiles"):
+        application = static_handler(application)
     return application
 
 
@@ -252,8 +275,7 @@ class _LazyASGIApplication:
 
     def _get(self):
         if self._application is None:  # one event loop per process: no race
-            from django.core.asgi import get_asgi_application
-            self._application = _build_application(get_asgi_application)
+            self._application = _build_application("asgi")
         return self._application
 
     async def __call__(self, scope, receive, send):
@@ -307,8 +329,7 @@ def __getattr__(attribute):
     if attribute == "TestRunner":
         value = _make_test_runner()
     elif attribute == "wsgi_application":
-        from django.core.wsgi import get_wsgi_application
-        value = _build_application(get_wsgi_application)
+        value = _build_application("wsgi")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
     globals()[attribute] = value
@@ -317,6 +338,7 @@ def __getattr__(attribute):
 
 def manage(argv=None):
     """What manage.py does, after aaa_env_setup: ``python -m stagetools_django migrate``."""
+    argv = argv or sys.argv
     try:
         from django.conf import settings
         from django.core.exceptions import ImproperlyConfigured
@@ -325,24 +347,41 @@ def manage(argv=None):
         if error.name != "django":
             raise
         print(f"stagetools: error: cannot import Django (python {sys.executable}): "
-              "stagetools_django needs Django 4.2 or newer; install it: "
-              f"{sys.executable} -m pip install 'stagetools[django]' (or 'Django>=4.2')",
-              file=sys.stderr)
+              f"{_where_django_is(argv)}", file=sys.stderr)
         return 2
     try:
         _env_setup()
-        # Load settings here: Django's own command runner hides errors in them.
-        settings.INSTALLED_APPS
+        settings.INSTALLED_APPS  # loaded here: Django's command runner hides its errors
     except _SETUP_ERRORS + (ImproperlyConfigured,) as error:
         print(f"stagetools: error: {error}", file=sys.stderr)
         return 2
-    execute_from_command_line(argv or sys.argv)
+    execute_from_command_line(argv)
     return 0
 
 
+def _where_django_is(argv):
+    """What to run when this Python has no Django: the installation's Python, its pip, or
+    (outside an installation) what to install."""
+    import shlex
+    try:
+        system = _env_setup()
+    except _SETUP_ERRORS:
+        return (f"stagetools_django needs Django 4.2 or newer; install it: {sys.executable} -m "
+                "pip install 'stagetools[django]' (or 'Django>=4.2')")
+    if os.path.normpath(sys.prefix) == os.fspath(system.base_dir):
+        return (f"install the repo into the virtualenv of {system.name}: {system.pip_path} "
+                f"install --editable {system.core_repo_dir}")
+    return (f"Django is in the virtualenv of {system.name}: run {system.python_path} -m "
+            f"stagetools_django {shlex.join(argv[1:])}".rstrip())
+
+
 # ---------------------------------------------------------------- adopting an existing project
-
-
+#
+# adopt turns a project made by django-admin startproject into a stagetools repo, in place, or
+# refuses before it changes anything. Only what every installation names moves: the settings
+# module and the root URLconf, into stagetools_project/. Everything else keeps its import path,
+# so apps inside the old settings package keep their modules, app labels and migrations, and
+# an existing database its rows.
 
 # Settings that stagetools derives from the installation: adopt removes them from settings.py.
 _ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "WSGI_APPLICATION",
@@ -350,45 +389,534 @@ _ADOPT_DERIVED_SETTINGS = ("SECRET_KEY", "DEBUG", "DATABASES", "ROOT_URLCONF", "
 # The lines adopt puts at the top of settings.py.
 _ADOPT_SETTINGS_HEAD = ("from stagetools_django import settings_defaults\n\n"
                         "globals().update(settings_defaults())")
+# The modules of the settings package that move to stagetools_project/, and its entry points,
+# which go: stagetools_django's serve every installation.
+_ADOPT_MOVED = ("settings.py", "urls.py")
+_ADOPT_ENTRY_POINTS = ("wsgi.py", "asgi.py")
 # What a startproject wsgi.py or asgi.py holds besides its docstring: then it may go.
 _ADOPT_ENTRY_POINT_CODE = {"import os", "from django.core.wsgi import get_wsgi_application",
                            "from django.core.asgi import get_asgi_application",
                            "application = get_wsgi_application()",
                            "application = get_asgi_application()"}
+# BASE_DIR as startproject writes it: the same directory from stagetools_project/settings.py.
+_ADOPT_BASE_DIR_FORMS = {"Path(__file__).resolve().parent.parent",
+                         "os.path.dirname(os.path.dirname(os.path.abspath(__file__)))"}
+# Files besides Python modules that name a settings module (pytest-django, tox, dotenv).
+_ADOPT_CONFIG_FILES = ("pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml", ".env")
+# Packaging that a project may have already, and the lines that make each file packaging.
+_ADOPT_PACKAGING = {"setup.py": r"", "pyproject.toml": r"^\[(project|build-system|tool\.poetry)\]",
+                    "setup.cfg": r"^\[(metadata|options)\]"}
+# requirements.txt options that install_requires cannot hold: refused, never dropped.
+_ADOPT_PIP_ONLY_OPTIONS = ("-e", "--editable", "-i", "--index-url", "--extra-index-url", "-f",
+                           "--find-links")
+_ADOPT_FILE_LIMIT = 1 << 22  # bytes: more than any settings module or requirements file
+_ADOPT_FIX_LINK = "make it a regular file of the project (not a link), then adopt"
 
 
 def _adopt_refuse(directory, rule, fix):
     raise stagetools.StagetoolsError(f"cannot adopt '{directory}'", rule, fix)
 
 
-def _adopt_parse_settings(directory, source, package):
-    """The settings module's syntax tree and its INSTALLED_APPS (a list of strings)."""
+def _adopt_read(directory, relative):
+    """The text of a file of the project, or None if there is none. It is looked at before
+    it is read: a link (also one on the way to it), a FIFO or a device is refused."""
+    path = os.path.join(directory, relative)
+    if os.path.realpath(path) != os.path.normpath(path) and os.path.lexists(path):
+        _adopt_refuse(directory, f"{relative} is, or lies below, a symbolic link", _ADOPT_FIX_LINK)
+    try:
+        return stagetools._read_regular_file(path, f"cannot adopt '{directory}': {relative}",
+                                             _ADOPT_FILE_LIMIT, _ADOPT_FIX_LINK)
+    except FileNotFoundError:
+        return None
+
+
+def _adopt_parse(directory, relative, source):
     import ast
     try:
-        module = ast.parse(source)
+        return ast.parse(source)
     except SyntaxError as error:
-        _adopt_refuse(directory, f"{package}/settings.py does not parse ({error.msg}, line "
-                      f"{error.lineno})", "fix it so that Django can load it, then adopt")
-    apps = []
-    for statement in module.body:
-        if isinstance(statement, ast.ImportFrom) and (statement.level or any(
-                alias.name == "*" for alias in statement.names)):
-            _adopt_refuse(directory, f"{package}/settings.py imports other settings (line "
-                          f"{statement.lineno}), unlike startproject's",
-                          "adopt by hand (see the README)")
-        if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                and isinstance(statement.targets[0], ast.Name)
-                and statement.targets[0].id == "INSTALLED_APPS"):
-            try:
-                apps = [app for app in ast.literal_eval(statement.value) if isinstance(app, str)]
-            except (ValueError, TypeError, SyntaxError):
-                apps = []
-    return module, apps
+        _adopt_refuse(directory, f"{relative} does not parse ({error.msg}, line {error.lineno})",
+                      "fix it so that Django can load it, then adopt")
 
 
-def _adopt_settings(module, source, database):
-    """settings.py rewritten to start from settings_defaults(): (text, removed, notes)."""
+def adopt(directory, database=None, core_repo=None, core_app=None):
+    """Adopt a Django project made by django-admin startproject, in place (``stagetools
+    adopt DIR``), or refuse before changing anything. The settings module and the root URLconf
+    move to stagetools_project/; apps (those inside the old settings package too) keep their
+    modules and labels. It writes manage.py, the aaa modules, setup.py, both stagetools modules
+    and the declaration (stagetools.ini: core app, server, database), says each change, then
+    prints the commands that make the project's DEV installation."""
+    from pathlib import Path
+    directory = Path(os.path.realpath(directory))
+    package = _adopt_settings_package(directory)
+    core_repo = core_repo or directory.name
+    if not (core_repo.isidentifier() and core_repo.isascii()):
+        _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
+                      "the repo's name below src/ is the configuration of its installations",
+                      "give --core-repo NAME (letters, digits, _), for example --core-repo shop")
+    dev_name = f"{core_repo.lower()}_dev"
+    try:
+        stagetools.parse_name(dev_name)
+    except stagetools.StagetoolsError as error:
+        _adopt_refuse(directory, f"its DEV installation would be {dev_name}: {error.rule}",
+                      "give --core-repo NAME, the name of its installations before _dev")
+    sources = {name: _adopt_read(directory, f"{package}/{name}")
+               for name in _ADOPT_MOVED + _ADOPT_ENTRY_POINTS + ("__init__.py",)}
+    settings_module = _adopt_parse(directory, f"{package}/settings.py", sources["settings.py"])
+    assignments = _adopt_assignments(directory, package, settings_module)
+    apps = _adopt_installed_apps(directory, assignments)
+    core_app = _adopt_core_app(directory, core_app, apps)
+    database, database_file = _adopt_database(directory, database, assignments)
+    root_urlconf = assignments.get("ROOT_URLCONF")
+    if root_urlconf is not None and _adopt_literal(root_urlconf.value) != f"{package}.urls" \
+            or sources["urls.py"] is None:
+        _adopt_refuse(directory, f"its root URLconf is not {package}/urls.py, as startproject "
+                      "makes it", f"make {package}/urls.py the root URLconf (ROOT_URLCONF = "
+                      f"'{package}.urls'), then adopt")
+    moved = {name: _adopt_moved_module(directory, package, name, sources[name])
+             for name in _ADOPT_MOVED}
+    for name in _ADOPT_ENTRY_POINTS:
+        _adopt_check_entry_point(directory, package, name, sources[name])
+    package_goes = _adopt_package_goes(directory, package, sources["__init__.py"], apps)
+    requirements = _adopt_requirements(directory, database)
+    written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
+               "stagetools_django.py", stagetools.DECLARATION_FILE, "setup.py"]
+    _adopt_refuse_what_is_in_the_way(directory, written)
+    references = _adopt_references(directory, package, package_goes, _adopt_project_texts(
+        directory, {f"{package}/{name}" for name in sources} | {"manage.py"}))
+    if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
+        _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
+                      "run adopt as the user who owns the project")
+    moved["settings.py"], removed, notes = _adopt_settings(moved["settings.py"], database)
+    moved.update(_adopt_references(directory, package, package_goes, moved))
+
+    # The project's DEV installation, in this user's home; the starter written for it declares
+    # the core app in stagetools.ini, which both the installation and the deploy side read.
+    system = stagetools.get_expected_system_from_name(
+        dev_name, base_dir=Path.home() / dev_name, core_repo=core_repo, database=database,
+        declared={"core_app": core_app})
+    try:
+        starter = stagetools.render_starter(stagetools.get_expected_system_from_name(
+            dev_name, base_dir=system.base_dir, core_repo=core_repo, database=database,
+            declared={}), requirements)
+    except OSError as error:
+        raise stagetools.StagetoolsError("cannot read stagetools_django.py next to "
+                                         f"stagetools.py ({error.strerror})", "adopt copies "
+                                         "both into the project", "keep them side by side")
+    files = {name: starter[name] for name in written}
+    files[stagetools.DECLARATION_FILE] += f"core_app = {core_app}\n"
+
+    # Everything is known and checked: now change the tree.
+    try:
+        _adopt_apply(directory, package, package_goes, moved, removed, notes, references,
+                     starter["manage.py"], files)
+    except OSError as error:
+        raise stagetools.StagetoolsError(f"adopting '{directory}' stopped", f"{error}; "
+                                         "every file is whole, but the steps printed above "
+                                         "are all that was done", "undo them (git checkout) "
+                                         "or finish by hand") from None
+    print(f"declared in {stagetools.DECLARATION_FILE}: core_app = {core_app}, server = "
+          f"{system.server}, database = {system.database}")
+    print("\n".join(_adopt_next_steps(directory, system, database_file)))
+    return 0
+
+
+def _adopt_settings_package(directory):
+    """The package that manage.py names as DJANGO_SETTINGS_MODULE, or a refusal."""
+    import re
+    import stat
+    manage_py = _adopt_read(directory, "manage.py")
+    if manage_py is None:
+        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
+                      "project's manage.py (the top of the repo)")
+    if os.path.lexists(directory / stagetools.DJANGO_PROJECT):
+        _adopt_refuse(directory, f"it has {stagetools.DJANGO_PROJECT}/ already: it is adopted",
+                      f"nothing to adopt; its core app is core_app in "
+                      f"{stagetools.DECLARATION_FILE}, its tests run with: python -m "
+                      "stagetools_django test")
+    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)['"]""",
+                      manage_py)
+    if not found:
+        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE as "
+                      "django-admin startproject writes it",
+                      "adopt by hand: see docs/guides/adoption.md, 'By hand'")
+    settings, package = found.group(1), found.group(1).split(".")[0]
+    path = directory / package
+    if os.path.islink(path):
+        _adopt_refuse(directory, f"its settings package {package}/ is a symbolic link",
+                      "make it a directory of the project, then adopt")
+    split = sorted(name for name in (os.listdir(path / "settings") if os.path.isdir(
+        path / "settings") and not os.path.islink(path / "settings") else [])
+        if name.endswith(".py"))
+    if split or settings.startswith(f"{package}.settings."):
+        _adopt_refuse(directory, f"its settings are split ({settings}"
+                      + (f": {package}/settings/{', '.join(split)}" if split else "") + "), "
+                      "but an installation has one settings module, whose stage its name "
+                      "gives", _ADOPT_FIX_SPLIT.format(package=package))
+    if settings != f"{package}.settings":
+        _adopt_refuse(directory, f"its manage.py names {settings}, not PACKAGE.settings as "
+                      "django-admin startproject writes it",
+                      "adopt by hand: see docs/guides/adoption.md, 'By hand'")
+    try:
+        info = os.lstat(path / "settings.py")
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        _adopt_refuse(directory, f"manage.py names {settings}, but {package}/settings.py is "
+                      "not a file", f"make {package}/settings.py the settings module, then adopt")
+    return package
+
+
+_ADOPT_FIX_SPLIT = ("make them one module, {package}/settings.py: the base settings, then what "
+                    "the others set besides DEBUG, SECRET_KEY, ALLOWED_HOSTS, DATABASES and "
+                    "the STATIC_ and MEDIA_ settings (stagetools derives those from the "
+                    "installation's name); name it in manage.py ('{package}.settings'), then "
+                    "adopt")
+
+
+def _adopt_assignments(directory, package, module):
+    """The settings module's top-level assignments, {name: statement}; a star import at the
+    top (split settings) is refused. INSTALLED_APPS += [...] counts too."""
     import ast
+    assignments = {}
+    for statement in module.body:
+        if isinstance(statement, ast.ImportFrom) and any(
+                alias.name == "*" for alias in statement.names):
+            _adopt_refuse(directory, f"{package}/settings.py imports other settings (line "
+                          f"{statement.lineno}): its settings are split",
+                          _ADOPT_FIX_SPLIT.format(package=package))
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, (ast.AnnAssign, ast.AugAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Name) and isinstance(statement, ast.AugAssign):
+                assignments.setdefault(f"{target.id}+=", []).append(statement)
+            elif isinstance(target, ast.Name):
+                assignments[target.id] = statement
+    return assignments
+
+
+def _adopt_literal(node, assignments=None, following=()):
+    """The value of a literal (a list of strings: INSTALLED_APPS), following names bound to
+    literals and + between lists; None if it is not that simple."""
+    import ast
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = (_adopt_literal(side, assignments, following)
+                       for side in (node.left, node.right))
+        return left + right if isinstance(left, list) and isinstance(right, list) else None
+    if isinstance(node, ast.Name) and assignments and node.id in assignments:
+        return None if node.id in following else _adopt_literal(
+            assignments[node.id].value, assignments, (*following, node.id))
+    try:
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _adopt_installed_apps(directory, assignments):
+    """The modules of the project's own apps in INSTALLED_APPS, in order: 'mysite.articles'
+    for 'mysite.articles.apps.ArticlesConfig' (the deepest folder of the repo it names);
+    None if INSTALLED_APPS is not a list adopt can read."""
+    statement = assignments.get("INSTALLED_APPS")
+    apps = _adopt_literal(statement.value, assignments) if statement else []
+    for extra in assignments.get("INSTALLED_APPS+=", []):
+        more = _adopt_literal(extra.value, assignments)
+        apps = apps + more if isinstance(apps, list) and isinstance(more, list) else None
+    if not isinstance(apps, list) or not all(isinstance(app, str) for app in apps):
+        return None
+    modules = []
+    for app in apps:
+        parts = app.split(".")
+        depth = 0
+        while depth < len(parts) and (directory.joinpath(*parts[:depth + 1])).is_dir():
+            depth += 1
+        if depth and ".".join(parts[:depth]) not in modules:
+            modules.append(".".join(parts[:depth]))
+    return modules
+
+
+def _adopt_core_app(directory, given, apps):
+    """The core app: given (one of the project's apps), else its first app in INSTALLED_APPS."""
+    if given is not None:
+        try:
+            stagetools._valid_module("core_app", given)
+        except stagetools.StagetoolsError as error:
+            _adopt_refuse(directory, f"--core-app {given}: {error.rule}", "give the module "
+                          "of your main app as INSTALLED_APPS names it, e.g. --core-app catalog")
+        if apps is None or given in apps:
+            return given
+        _adopt_refuse(directory, f"--core-app {given} is none of the project's apps in "
+                      f"INSTALLED_APPS ({', '.join(apps) or 'it names none'})",
+                      f"give one of them as written there, e.g. --core-app "
+                      f"{(apps or ['catalog'])[0]}")
+    if apps is None:
+        _adopt_refuse(directory, "its INSTALLED_APPS is not a list of names adopt can read, so "
+                      "it cannot tell the core app", "give it: --core-app MODULE (your main "
+                      "app, as INSTALLED_APPS names it)")
+    if not apps:
+        _adopt_refuse(directory, "INSTALLED_APPS names no app of the project (a folder of "
+                      "the repo), and every installation declares one as its core app",
+                      "make one (python manage.py startapp NAME), add it to INSTALLED_APPS, "
+                      "then adopt")
+    return apps[0]
+
+
+def _adopt_database(directory, given, assignments):
+    """(database, the SQLite file of the project's data or None): the database given, else
+    SQLite if the project's is SQLite; a refusal if it is another and none was given."""
+    import ast
+    import stat
+    statement = assignments.get("DATABASES")
+    strings = [node.value for node in ast.walk(statement.value) if isinstance(
+        node, ast.Constant) and isinstance(node.value, str)] if statement else []
+    engines = [text for text in strings if text.startswith(("django.db.backends.", "sqlite:"))]
+    if given is None and statement is not None and not (engines and all(
+            text.endswith("sqlite3") or text.startswith("sqlite:") for text in engines)):
+        _adopt_refuse(directory, f"settings.py's DATABASES (line {statement.lineno}) is not "
+                      "SQLite, and an installation's database is SQLite or PostgreSQL, "
+                      "named after it", "choose: --database postgresql (the database and role "
+                      "named like each installation, peer authentication) or --database "
+                      "sqlite (a new SQLite file per installation)")
+    database = given or "sqlite"
+    if database != "sqlite" or statement is None:
+        return database, None
+    for text in strings:  # BASE_DIR / 'db.sqlite3': a file of the repo
+        relative = os.path.normpath(text)
+        try:
+            info = os.lstat(directory / relative)
+        except (OSError, ValueError):
+            continue
+        if not (os.path.isabs(relative) or relative.startswith("..")) \
+                and stat.S_ISREG(info.st_mode):
+            return database, relative
+    return database, None
+
+
+def _adopt_moved_module(directory, package, name, source):
+    """The text of a module that moves from the settings package to stagetools_project/:
+    its relative imports made absolute (they stay in the package). ``__file__`` may only
+    make BASE_DIR as startproject does: anything else would point elsewhere once moved."""
+    import ast
+    import re
+    relative = f"{package}/{name}"
+    module = _adopt_parse(directory, relative, source)
+    lines = source.splitlines(keepends=True)
+    allowed = {id(node) for statement in module.body if isinstance(statement, ast.Assign)
+               and ast.unparse(statement.value) in _ADOPT_BASE_DIR_FORMS
+               for node in ast.walk(statement.value)}
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name) and node.id == "__file__" and id(node) not in allowed:
+            _adopt_refuse(directory, f"{relative} uses __file__ on line {node.lineno}, which "
+                          f"points into {stagetools.DJANGO_PROJECT}/ once the module moves "
+                          f"there", f"write that path from BASE_DIR (BASE_DIR / '{package}' / "
+                          "...), then adopt")
+    imports = [node for node in ast.walk(module) if isinstance(node, ast.ImportFrom)]
+    for node in sorted(imports, key=lambda node: (node.lineno, -node.col_offset)):
+        if node.level:  # rewritten from the right, so that columns to the left still hold
+            line = lines[node.lineno - 1]
+            head = re.compile(r"from(\s+)\.(?!\.)(\s*)").match(line, node.col_offset)
+            if node.level > 1 or head is None:
+                _adopt_refuse(directory, f"{relative} line {node.lineno} imports from outside "
+                              f"its package", f"write it as an absolute import (from "
+                              f"{package}.x import y), then adopt")
+            absolute = f"from{head.group(1)}{package}" + ("." if node.module else " ")
+            lines[node.lineno - 1] = line[:head.start()] + absolute + line[head.end():]
+    return "".join(lines)
+
+
+def _adopt_check_entry_point(directory, package, name, source):
+    """Refuse a wsgi.py or asgi.py that does more than startproject's: the installations
+    are served by stagetools_django's entry points, which would leave out what it adds."""
+    import ast
+    if source is None:
+        return
+    for statement in _adopt_parse(directory, f"{package}/{name}", source).body:
+        code = ast.unparse(statement)
+        if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                or code in _ADOPT_ENTRY_POINT_CODE
+                or code.startswith("os.environ.setdefault('DJANGO_SETTINGS_MODULE'")):
+            _adopt_refuse(directory, f"{package}/{name} does more than startproject's (line "
+                          f"{statement.lineno}: {code.splitlines()[0][:60]}), and every "
+                          f"installation is served by stagetools_django:{name[:4]}_application",
+                          "move what it adds into settings.py or a middleware, delete it, "
+                          "then adopt")
+
+
+def _adopt_package_goes(directory, package, init_source, apps):
+    """Whether the settings package is empty once its settings and URLs moved and its entry
+    points went (then it goes too): not if it is an app, holds anything else, or its
+    __init__.py does something."""
+    import ast
+    if package in (apps or []) or (init_source and [
+            statement for statement in _adopt_parse(directory, f"{package}/__init__.py",
+                                                    init_source).body
+            if not (isinstance(statement, ast.Expr) and isinstance(statement.value,
+                                                                    ast.Constant))]):
+        return False
+    known = set(_ADOPT_MOVED + _ADOPT_ENTRY_POINTS) | {"__init__.py", "__pycache__"}
+    return not set(os.listdir(directory / package)) - known
+
+
+def _adopt_requirements(directory, database):
+    """The requirements of setup.py: the project's requirements.txt (and the files it
+    includes with -r, each looked at first), then those of the starter that the project does
+    not name. A Django that stagetools_django does not support is refused, and so is an option
+    that install_requires cannot hold."""
+    import re
+    own, seen = [], set()
+
+    def name(requirement):
+        return re.split(r"[\s<>=!~;@\[]", requirement)[0].lower().replace("_", "-")
+
+    def read(relative, included_by):
+        if os.path.isabs(relative) or relative.startswith("..") or relative in seen \
+                or len(seen) > 32:
+            _adopt_refuse(directory, f"{included_by} includes {relative}, outside the repo or "
+                          "twice", "include each requirements file of the repo once")
+        seen.add(relative)
+        text = _adopt_read(directory, relative)
+        if text is None and included_by:
+            _adopt_refuse(directory, f"{included_by} includes {relative}, which is missing",
+                          "fix the -r line, then adopt")
+        # pip's format: a trailing \ continues a line, # starts a comment at a line's start
+        # or after a space; options start with - (alone, or after a requirement).
+        for number, line in enumerate((text or "").replace("\\\n", " ").splitlines(), 1):
+            line = re.split(r"(?:^|\s)#", line)[0].strip()
+            option = re.match(r"(--[\w-]+|-\w)\s*=?\s*(.*)", line)
+            if option and option.group(1) in ("-r", "--requirement"):
+                read(os.path.normpath(os.path.join(os.path.dirname(relative),
+                                                   option.group(2))), f"{relative}:{number}")
+            elif option and option.group(1) in _ADOPT_PIP_ONLY_OPTIONS or "://" in line and \
+                    " @ " not in line:
+                _adopt_refuse(directory, f"{relative} line {number} ({line}) is for pip only: "
+                              "setup.py's install_requires cannot hold it", "adopt by hand "
+                              "(docs/guides/adoption.md, 'By hand'), or write it as 'name @ "
+                              "URL'")
+            elif line and not option:  # other options (-c, --hash, --pre) are pip's own
+                own.append((re.split(r"\s--?[A-Za-z]", line)[0].strip(),
+                            f"{relative} line {number}"))
+
+    read("requirements.txt", None)
+    floor = stagetools.FRAMEWORKS["django"]["requirements"][0]  # Django>=4.2
+    for requirement, where in own:
+        if name(requirement) == "django" and not _adopt_allows(requirement, floor):
+            _adopt_refuse(directory, f"{where} requires {requirement}, but stagetools_django "
+                          f"needs {floor} (4.2 LTS or newer)", "upgrade the project to "
+                          "Django 4.2 LTS or newer (Django~=4.2, say), run its tests, then "
+                          "adopt")
+    names = {name(requirement) for requirement, _ in own}
+    return [requirement for requirement, _ in own] + [
+        requirement for requirement in stagetools.FRAMEWORKS["django"]["requirements"]
+        + stagetools.DATABASES[database]["requirements"] if name(requirement) not in names]
+
+
+def _adopt_allows(requirement, floor):
+    """Whether a requirement ('Django==4.0.1', 'django>=3.2,<5') allows some version at or
+    above the floor's ('Django>=4.2'). Versions are compared by their numbers; pre-release
+    tags are ignored."""
+    import itertools
+    import re
+
+    def version(text):
+        return tuple(int(part) for part in re.findall(r"\d+", text.split("*")[0])[:4])
+
+    def holds(candidate, operator, wanted):
+        width = max(len(candidate), len(wanted))
+        a, b = (tuple(itertools.islice(itertools.chain(v, itertools.repeat(0)), width))
+                for v in (candidate, wanted))
+        prefix = candidate[:len(wanted)] == wanted
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "!=": a != b,
+                "==": a == b, "===": a == b, "==*": prefix, "!=*": not prefix,
+                "~=": a >= b and candidate[:len(wanted) - 1] == wanted[:-1]}[operator]
+
+    specifier = re.split(r"[;@]", requirement)[0]
+    clauses = [(operator + ("*" if text.endswith("*") and operator in ("==", "!=") else ""),
+                version(text)) for operator, text in
+               re.findall(r"(===|==|!=|~=|<=|>=|<|>)\s*([\w.*+!-]+)", specifier)]
+    lowest = version(floor)
+    candidates = {lowest, (9999,)} | {wanted for _, wanted in clauses} | {
+        wanted + (1,) for _, wanted in clauses}
+    return any(all(holds(candidate, operator, wanted) for operator, wanted in clauses)
+               for candidate in candidates if candidate >= lowest)
+
+
+def _adopt_refuse_what_is_in_the_way(directory, written):
+    """Refuse files that adopt would write, and packaging of the project's own."""
+    import re
+    for name, marker in _ADOPT_PACKAGING.items():
+        text = _adopt_read(directory, name)
+        if text is not None and re.search(marker, text, re.M):
+            _adopt_refuse(directory, f"it has its own packaging ({name}), and adopt writes "
+                          "setup.py with the modules it adds and your requirements.txt",
+                          f"move its requirements into requirements.txt and remove "
+                          f"{'it' if name == 'setup.py' else 'the packaging from it'}, then "
+                          "adopt; or adopt by hand (docs/guides/adoption.md)")
+    in_the_way = [name for name in written if os.path.lexists(directory / name)]
+    if in_the_way:
+        _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt would "
+                      "write", "adopt a project that has none of them, or adopt by hand "
+                      "(docs/guides/adoption.md)")
+
+
+def _adopt_project_texts(directory, skipped):
+    """{path: text} of the project's Python files and the configuration files at its top
+    that may name its settings module; virtualenvs, hidden folders and links are not the
+    project's, and the files of ``skipped`` adopt writes itself."""
+    texts = {}
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = sorted(entry for entry in subfolders if not entry.startswith(".")
+                               and entry not in ("node_modules", "__pycache__")
+                               and not os.path.exists(os.path.join(folder, entry, "pyvenv.cfg")))
+        for entry in sorted(names):
+            relative = os.path.relpath(os.path.join(folder, entry), directory)
+            if relative not in skipped and not os.path.islink(os.path.join(folder, entry)) and (
+                    entry.endswith(".py") or folder == str(directory)
+                    and entry in _ADOPT_CONFIG_FILES):
+                texts[relative] = _adopt_read(directory, relative)
+    return texts
+
+
+def _adopt_references(directory, package, package_goes, texts):
+    """{path: new text} of those of ``texts`` that name the settings module or the root
+    URLconf by the old package ('mysite.settings' becomes 'stagetools_project.settings'); a
+    reference that cannot be rewritten (to an entry point or a package that goes) is refused."""
+    import re
+    name, moved = re.escape(package), {module[:-3] for module in _ADOPT_MOVED}
+    dotted = re.compile(rf"(?<![\w.]){name}\.({'|'.join(sorted(moved))})\b")
+    imported = re.compile(rf"\bfrom(\s+){name}(\s+import\s+\(?\s*)(\w+(?:\s*,\s*\w+)*)")
+    gone = re.compile(rf"(?<![\w.]){name}\.(wsgi|asgi)\b" + (
+        rf"|\b(import|from)\s+{name}\b" if package_goes else ""))
+    changed = {}
+    for relative, text in texts.items():
+        def from_import(found):
+            names = {part.strip() for part in found.group(3).split(",")}
+            if names & moved and names - moved:
+                _adopt_refuse(directory, f"{relative} imports {', '.join(sorted(names))} "
+                              f"from {package} in one statement, and only some of them move "
+                              f"to {stagetools.DJANGO_PROJECT}", "import them in separate "
+                              "statements, then adopt")
+            return found.group(0) if not names & moved else \
+                f"from{found.group(1)}{stagetools.DJANGO_PROJECT}{found.group(2)}{found.group(3)}"
+
+        new = imported.sub(from_import, dotted.sub(rf"{stagetools.DJANGO_PROJECT}.\1", text))
+        leftover = gone.search(new)
+        if leftover:
+            line = new.count("\n", 0, leftover.start()) + 1
+            _adopt_refuse(directory, f"{relative} line {line} names {leftover.group(0)}, "
+                          "which adoption removes", "remove that reference (the entry points "
+                          "are stagetools_django:wsgi_application and :asgi_application), "
+                          "then adopt")
+        if new != text:
+            changed[relative] = new
+    return changed
+
+
+def _adopt_settings(source, database):
+    """settings.py rewritten to start from settings_defaults(): (text, removed, notes).
+    Each derived setting goes with the comment above it, and so does a comment heading
+    ('# Database') left over a setting that went."""
+    import ast
+    module = ast.parse(source)
     lines = source.splitlines(keepends=True)
     drop, removed, notes, replacements = set(), [], [], {}
     for statement in module.body:
@@ -404,19 +932,15 @@ def _adopt_settings(module, source, database):
                 replacements[first] = (last, f"ALLOWED_HOSTS += {value}\n")
                 continue
         elif name == "ALLOWED_HOSTS":
-            notes.append(f"settings.py set ALLOWED_HOSTS = {value}; stagetools sets "
-                         "localhost names and the declared host_names: declare your domains "
-                         "in stagetools.ini (host_names = shop.example.com)")
+            notes.append(f"ALLOWED_HOSTS = {value} went: an installation allows its localhost "
+                         f"names and the host_names of {stagetools.DECLARATION_FILE}")
         elif name not in _ADOPT_DERIVED_SETTINGS:
             continue
-        if name == "DATABASES" and "sqlite3" not in value:
-            notes.append("settings.py had a DATABASES other than SQLite: for PostgreSQL "
-                         "declare database = postgresql in stagetools.ini (peer "
-                         "authentication, see the README)")
         removed.append(name)
         while first > 0 and lines[first - 1].lstrip().startswith("#"):
             first -= 1  # the comment that explained the removed setting goes with it
         drop.update(range(first, last))
+    _adopt_drop_orphaned_comments(lines, drop)
     head = 0
     for statement in module.body:  # after the leading imports, before the first setting
         if isinstance(statement, (ast.Import, ast.ImportFrom)):
@@ -441,43 +965,83 @@ def _adopt_settings(module, source, database):
     return text, removed, notes
 
 
-def _adopt_is_startproject_entry_point(path):
-    """True if a wsgi.py/asgi.py does only what django-admin startproject's does."""
-    import ast
-    try:
-        module = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, SyntaxError):
-        return False
-    for statement in module.body:
-        code = ast.unparse(statement)
-        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-            continue  # the docstring
-        if code not in _ADOPT_ENTRY_POINT_CODE and not code.startswith(
-                "os.environ.setdefault('DJANGO_SETTINGS_MODULE'"):
-            return False
-    return True
+def _adopt_drop_orphaned_comments(lines, drop):
+    """Add to ``drop`` each comment block that headed settings that go ('# Database' and its
+    link above DATABASES) and heads nothing once they went: the next line kept is a comment
+    or the end."""
+    def is_comment(number):
+        return lines[number].lstrip().startswith("#")
+
+    def next_line(number, skip):
+        while number < len(lines) and (not lines[number].strip() or number in skip):
+            number += 1
+        return number
+
+    blocks, number = [], 0
+    while number < len(lines):
+        if is_comment(number) and number not in drop:
+            start = number
+            while number < len(lines) and is_comment(number):
+                number += 1
+            blocks.append((start, number))
+        number += 1
+    changed = True
+    while changed:
+        changed = False
+        for start, end in blocks:
+            if start in drop or next_line(end, set()) not in drop:
+                continue  # kept already, or it heads code that stays
+            following = next_line(end, drop)
+            if following == len(lines) or is_comment(following):
+                drop.update(range(start, end))
+                changed = True
 
 
-def _adopt_requirements(directory, database):
-    """The requirements of the packaging file: the project's requirements.txt (plain
-    requirement lines), then those of a starter that the project does not name."""
-    import re
-
-    def name(requirement):
-        return re.split(r"[\s<>=!~;\[]", requirement)[0].lower()
-
-    path = directory / "requirements.txt"
-    # pip's format: a trailing \ continues a line, # starts a comment at a line's start or
-    # after a space (not in a URL), options start with - (alone, or after a requirement).
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    lines = [re.split(r"(?:^|\s)#|\s--?[A-Za-z]", line)[0].strip()
-             for line in text.replace("\\\n", " ").splitlines()]
-    own = [line for line in lines if line and not line.startswith("-")]
-    names = {name(requirement) for requirement in own}
-    return own + [requirement for requirement in
-                  stagetools.FRAMEWORKS["django"]["requirements"]
-                  + stagetools.DATABASES[database]["requirements"]
-                  if name(requirement) not in names]
+def _adopt_apply(directory, package, package_goes, moved, removed, notes, references,
+                 manage_text, files):
+    """Change the tree as adopt decided, saying each step."""
+    import shutil
+    old, new = directory / package, directory / stagetools.DJANGO_PROJECT
+    os.mkdir(new)
+    _adopt_write(new / "__init__.py", "")
+    for name, text in moved.items():
+        _adopt_write(new / name, text)
+        (old / name).unlink()
+    print(f"moved {package}/settings.py and {package}/urls.py to {stagetools.DJANGO_PROJECT}/ "
+          "(every installation's settings module and root URLconf)")
+    print(f"rewrote {stagetools.DJANGO_PROJECT}/settings.py: settings_defaults() first; "
+          f"removed {', '.join(removed) or 'nothing'} (stagetools derives them) and the "
+          f"comments over them")
+    for note in notes:
+        print(note)
+    gone = [name for name in _ADOPT_ENTRY_POINTS if os.path.lexists(old / name)]
+    for name in gone:
+        (old / name).unlink()
+    if gone:
+        print(f"removed {', '.join(f'{package}/{name}' for name in gone)} (the entry points "
+              "are stagetools_django:wsgi_application and :asgi_application)")
+    if package_goes:
+        if os.path.isdir(old / "__pycache__") and not os.path.islink(old / "__pycache__"):
+            shutil.rmtree(old / "__pycache__")
+        if os.path.lexists(old / "__init__.py"):
+            (old / "__init__.py").unlink()
+        os.rmdir(old)
+        print(f"removed {package}/ (nothing else was in it)")
+    else:
+        kept = sorted(entry for entry in os.listdir(old) if entry != "__pycache__")
+        print(f"kept {package}/ ({', '.join(kept)}): its modules and apps keep their import "
+              "paths and app labels")
+    for relative, text in references.items():
+        _adopt_write(directory / relative, text)
+    if references:
+        print(f"rewrote {', '.join(references)}: {package}.settings and {package}.urls are "
+              f"{stagetools.DJANGO_PROJECT}.settings and .urls now")
+    _adopt_write(directory / "manage.py", manage_text)
+    print(f"replaced manage.py (it named {package}.settings) with one that calls "
+          "stagetools_django.manage()")
+    for name, text in files.items():
+        _adopt_write(directory / name, text)
+    print(f"wrote {', '.join(files)}")
 
 
 def _adopt_write(path, text):
@@ -485,7 +1049,7 @@ def _adopt_write(path, text):
     new temporary file (never one planted there) renamed into place."""
     import stat
     import tempfile
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    mode = stat.S_IMODE(os.lstat(path).st_mode) if os.path.lexists(path) else 0o644
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
@@ -497,186 +1061,39 @@ def _adopt_write(path, text):
         raise
 
 
-def _adopt_apply(directory, package, settings_text, removed, manage_text, removable, files,
-                 database):
-    """Change the tree as _cmd_adopt decided, saying each step."""
-    os.rename(directory / package, directory / stagetools.DJANGO_PROJECT)
-    print(f"renamed {package}/ to {stagetools.DJANGO_PROJECT}/ (the settings package of every "
-          "stagetools installation)")
-    _adopt_write(directory / stagetools.DJANGO_PROJECT / "settings.py", settings_text)
-    print(f"rewrote {stagetools.DJANGO_PROJECT}/settings.py: settings_defaults() "
-          f"first; removed {', '.join(removed) or 'nothing'} (stagetools derives them)")
-    _adopt_write(directory / "manage.py", manage_text)
-    print(f"replaced manage.py (it set DJANGO_SETTINGS_MODULE to {package}.settings) with "
-          "one that calls stagetools_django.manage()")
-    for path in removable:
-        (directory / stagetools.DJANGO_PROJECT / path.name).unlink()
-    if removable:
-        names = ", ".join(f"{stagetools.DJANGO_PROJECT}/{path.name}" for path in removable)
-        print(f"removed {names} (the entry points are stagetools_django:wsgi_application "
-              "and :asgi_application)")
-    for name, text in files.items():
-        _adopt_write(directory / name, text)
-    print(f"wrote {', '.join(files)}")
+def _adopt_next_steps(directory, system, database_file):
+    """The commands that make the DEV installation of the adopted repo, as lines to print:
+    its virtualenv, the repo at core_repo_dir (where the installation and the deploy side
+    read its stagetools.ini), the project's SQLite data as its database, private (0600); for
+    PostgreSQL first its role and database."""
+    import shlex
 
+    def command(*parts, private=False):  # private: under umask 077, in a subshell
+        line = shlex.join(str(part) for part in parts)
+        return f"  (umask 077 && {line})" if private else f"  {line}"
 
-def _adopt_mentions(directory, package, modules, skipped):
-    """'path:line' of each line of the project's Python files that names the old package
-    or one of its modules; virtualenvs and hidden folders are not the project's."""
-    import re
-    import stat
-    name = re.escape(package)
-    pattern = re.compile(rf"\b(import|from) {name}\b|\b{name}\.({'|'.join(modules)})\b")
-    mentions = []
-    for folder, subfolders, names in os.walk(directory):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
-                               and name not in ("node_modules", "__pycache__")
-                               and not os.path.exists(os.path.join(folder, name, "pyvenv.cfg")))
-        for name in sorted(names):
-            path = os.path.join(folder, name)
-            if (not name.endswith(".py") or os.path.relpath(path, directory) in skipped
-                    or not stat.S_ISREG(os.lstat(path).st_mode)):  # no link, no FIFO
-                continue
-            with open(path, encoding="utf-8", errors="replace") as file:
-                for number, line in enumerate(file, 1):
-                    if pattern.search(line):
-                        mentions.append(f"{os.path.relpath(path, directory)}:{number}")
-    return mentions
-
-
-def adopt(directory, database=None, core_repo=None, core_app=None):
-    """Adopt a Django project made by django-admin startproject, in place (``stagetools
-    adopt DIR``): the settings package becomes stagetools_project, the aaa modules,
-    manage.py, the packaging file and both stagetools modules are written; it prints each
-    change and what is left to do by hand. Refuses, changing nothing, a tree it does not
-    know."""
-    import json
-    import re
-    from pathlib import Path
-    directory = Path(directory).absolute()
-    package = _adopt_settings_package(directory)
-    settings_py = directory / package / "settings.py"
-    core_repo = core_repo or directory.name
-    if not (core_repo.isidentifier() and core_repo.isascii()):
-        _adopt_refuse(directory, f"its name {core_repo!r} is not a Python identifier, and "
-                      "the repo's name below src/ is the configuration of its installations",
-                      "give --core-repo NAME (letters, digits, _), for example --core-repo shop")
-    try:
-        source = settings_py.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        _adopt_refuse(directory, f"cannot read {package}/settings.py ({error})",
-                      "make it a readable UTF-8 file")
-    module, apps = _adopt_parse_settings(directory, source, package)
-    local_apps = [app.split(".")[0] for app in apps
-                  if (directory / app.split(".")[0]).is_dir() and app.split(".")[0] != package]
-    core_app = core_app or (local_apps[0] if local_apps else core_repo)
-    # The DEV installation of the project; it declares nothing yet (adopt writes that).
-    system = stagetools.get_expected_system_from_name(
-        f"{core_repo.lower()}_dev", core_repo=core_repo, core_app=core_app, database=database,
-        declared={})
-    if not os.access(directory, os.W_OK) or not os.access(directory / package, os.W_OK):
-        _adopt_refuse(directory, f"this user cannot write to it or to {package}/",
-                      "run adopt as the user who owns the project")
-    requirements = _adopt_requirements(directory, system.database)
-    try:
-        starter = stagetools.render_starter(system, requirements)
-    except OSError as error:
-        raise stagetools.StagetoolsError("cannot read stagetools_django.py next to "
-                                         f"stagetools.py ({error.strerror})", "adopt copies "
-                                         "both into the project", "keep them side by side")
-    written = ["aaa_env_setup.py", "aaa_script_setup.py", "stagetools.py",
-               "stagetools_django.py", stagetools.DECLARATION_FILE]
-    in_the_way = [name for name in written if (directory / name).exists()]
-    if in_the_way:
-        _adopt_refuse(directory, f"it has {', '.join(in_the_way)} already, which adopt "
-                      "would write", "adopt a project that has none of them, or finish by "
-                      "hand (see the README)")
-    packaging = [name for name in ("setup.py", "pyproject.toml", "setup.cfg")
-                 if (directory / name).exists()]
-    py_modules = json.loads(re.search(r"py_modules=(\[.*?\])", starter["setup.py"]).group(1))
-    files = {name: starter[name] for name in written}
-    if not packaging:
-        files["setup.py"] = starter["setup.py"]
-    settings_text, removed, notes = _adopt_settings(module, source, system.database)
-    entry_points = [directory / package / name for name in ("wsgi.py", "asgi.py")
-                    if (directory / package / name).is_file()]
-    removable = [path for path in entry_points if _adopt_is_startproject_entry_point(path)]
-    modules = sorted(re.escape(os.path.splitext(name)[0]) for name in
-                     os.listdir(directory / package) if not name.startswith((".", "__")))
-
-    # Everything is known and checked: now change the tree.
-    try:
-        _adopt_apply(directory, package, settings_text, removed, starter["manage.py"],
-                     removable, files, system.database)
-    except OSError as error:
-        raise stagetools.StagetoolsError(f"adopting '{directory}' stopped", f"{error}; "
-                                         "every file is whole, but the steps printed above "
-                                         "are all that was done", "undo them (git checkout) "
-                                         "or finish by hand") from None
-    print("\nLeft to do by hand:")
-    todo = _adopt_left_to_do(directory, system, package, apps, notes, packaging, py_modules,
-                             sorted(set(entry_points) - set(removable)),
-                             _adopt_mentions(directory, package, modules, set(written)))
-    for number, item in enumerate(todo, 1):
-        print(f"  {number}. {item}")
-    return 0
-
-
-def _adopt_settings_package(directory):
-    """The package that manage.py names as DJANGO_SETTINGS_MODULE, or a refusal."""
-    import re
-    manage_py = directory / "manage.py"
-    if not manage_py.is_file():
-        _adopt_refuse(directory, "it has no manage.py", "give the directory of your Django "
-                      "project's manage.py (the top of the repo)")
-    if (directory / stagetools.DJANGO_PROJECT).exists():
-        _adopt_refuse(directory, f"it has {stagetools.DJANGO_PROJECT}/ already: it is adopted",
-                      "nothing to adopt; run its tests with: python -m stagetools_django test")
-    found = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][\w.]*)\.settings['"]""",
-                      manage_py.read_text(encoding="utf-8", errors="replace"))
-    if not found or "." in found.group(1):
-        _adopt_refuse(directory, "its manage.py does not set DJANGO_SETTINGS_MODULE to "
-                      "'PACKAGE.settings' as django-admin startproject writes it",
-                      "adopt by hand: see the README, 'Adopting stagetools in an existing "
-                      "Django project'")
-    package = found.group(1)
-    if not (directory / package / "settings.py").is_file():
-        _adopt_refuse(directory, f"manage.py names {package}.settings, but "
-                      f"{package}/settings.py is not a file", "adopt by hand (see the README)")
-    return package
-
-
-def _adopt_left_to_do(directory, system, package, apps, notes, packaging, py_modules,
-                      kept_entry_points, mentions):
-    """What adopt leaves to the user, in the order to do it."""
-    core_app = system.core_app
-    todo = list(notes)
-    for path in kept_entry_points:
-        todo.append(f"{stagetools.DJANGO_PROJECT}/{path.name} does more than startproject's: "
-                    "move what it adds into settings or middleware, then delete it (the entry "
-                    "points are stagetools_django:wsgi_application and :asgi_application)")
-    if packaging:
-        todo.append(f"add to your {packaging[0]}: py_modules {py_modules} and the packages "
-                    f"{stagetools.DJANGO_PROJECT} and {core_app} (the README shows a whole "
-                    "setup.py)")
-    if mentions:
-        todo.append(f"these lines name {package}, which is {stagetools.DJANGO_PROJECT} now: "
-                    f"{', '.join(mentions)}")
-    if core_app not in [app.split(".")[0] for app in apps]:
-        todo.append(f"the core app {core_app!r} is not in INSTALLED_APPS: give --core-app, or "
-                    "edit core_app in aaa_env_setup.py")
-    if (directory / "db.sqlite3").exists():
-        todo.append("your data stays in db.sqlite3; an installation uses its own database "
-                    f"({system.database_sqlite_path.name} in the virtualenv's directory): "
-                    "copy it there if you want the data")
-    todo.append(f"make a virtualenv named like an installation and install the repo into it: "
-                f"python3 -m venv ~/{system.name} && ~/{system.name}/bin/pip install -e "
-                f"{directory}")
-    todo.append(f"then, from anywhere: ~/{system.name}/bin/python -m stagetools_django "
-                f"migrate (and test, runserver, ...); serve with ~/{system.name}/bin/uvicorn "
-                "stagetools_django:asgi_application")
-    return todo
-
+    repo, database = system.core_repo_dir, system.database_sqlite_path
+    steps = [f"\nAs root, its PostgreSQL role and database (peer authentication lets the OS "
+             f"user {system.name} in as the role {system.name}):",
+             command("runuser", "-u", "postgres", "--", "createuser", system.database_user),
+             command("runuser", "-u", "postgres", "--", "createdb", "--owner",
+                     system.database_user, system.database_name),
+             ] if system.database == "postgresql" else []
+    steps += [f"\nMake its DEV installation {system.name} (its virtualenv, the repo in it, "
+              "its database: yours alone), with:",
+              command(sys.executable, "-m", "venv", system.base_dir, private=True)]
+    if directory != repo:
+        steps += [command("mkdir", "-p", system.src_dir), command("mv", directory, repo)]
+    if database_file:
+        steps += [command("mv", repo / database_file, database),
+                  command("chmod", "600", database)]
+    steps += [command(system.pip_path, "install", "--editable", repo),
+              command(system.python_path, "-m", "stagetools_django", "migrate", private=True),
+              "\nThen, from any directory, run its tests and serve it (DEBUG is on, so it "
+              "serves the static files too):",
+              command(system.python_path, "-m", "stagetools_django", "test"),
+              command(*stagetools._server_command(system, "127.0.0.1", 8000))]
+    return steps
 
 
 if __name__ == "__main__":
