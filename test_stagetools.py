@@ -1443,9 +1443,24 @@ def os_user(name, base_dir=None):
         shutil.chown(base_dir, name, name)
         yield base_dir
     finally:
-        run(["pkill", "-KILL", "-u", name], check=False)
+        kill_processes_of(name)
         run(["userdel", name], check=False)
         shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def kill_processes_of(name):
+    """SIGKILL the test user's processes on this machine: only those of this PID namespace,
+    not a test host's (systemd-nspawn's hosts share the machine's uids: `pkill -u` would kill
+    another user's processes there that happen to have the same number)."""
+    import signal
+    uid, ours = pwd.getpwnam(name).pw_uid, os.readlink("/proc/self/ns/pid")
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid and \
+                    os.readlink(f"/proc/{entry}/ns/pid") == ours:
+                os.kill(int(entry), signal.SIGKILL)
+        except OSError:  # gone meanwhile
+            pass
 
 
 class Postgres:

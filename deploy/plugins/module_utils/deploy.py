@@ -71,7 +71,9 @@ def as_user(system, argv, what, binds=(), umask="0022", env=None, timeout=COMMAN
     properties += [f"BindPaths={source}:{target}" for source, target in binds]
     variables = dict(env or {}, HOME=str(system.base_dir), LANG="C.UTF-8",
                      PATH="/usr/bin:/bin")
-    command = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--no-ask-password",
+    # Not --quiet: when it fails, systemd-run's last lines say how the process ended
+    # ("Main processes terminated with: code=killed, status=9/KILL").
+    command = ["systemd-run", "--wait", "--pipe", "--collect", "--no-ask-password",
                "--service-type=exec"] + [f"--property={p}" for p in properties] + [
         f"--setenv={key}={value}" for key, value in variables.items()] + [
         # env looks the program up inside the sandbox: systemd-run, outside, would not see a
