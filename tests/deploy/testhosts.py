@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -348,8 +349,7 @@ class TestHosts:
                                                                        BOOT_TIMEOUT))
             time.sleep(0.2)
         if state == "degraded":
-            failed = host.run("systemctl --failed --no-legend", check=False).stdout
-            raise RuntimeError("%s booted degraded:\n%s" % (host.name, failed))
+            raise RuntimeError("%s booted degraded:\n%s" % (host.name, self._failed_units(host)))
         while True:  # sshd answers on the host's own address
             try:
                 with socket.create_connection((host.address, 22), timeout=2) as s:
@@ -360,6 +360,36 @@ class TestHosts:
             if time.monotonic() > deadline:
                 raise TimeoutError("%s: no sshd on %s:22" % (host.name, host.address))
             time.sleep(0.2)
+
+    @staticmethod
+    def _failed_units(host):
+        """The failed units, with what systemd and the boot's journal say of each.
+
+        A unit's own journal (-u) lacks what its process logged before it reached the unit's
+        cgroup, e.g. "Failed to attach to cgroup ...": the boot's lines naming the unit follow.
+        """
+        def ask(command):
+            try:
+                result = host.run(command, timeout=10, check=False)
+            except subprocess.TimeoutExpired:
+                return "(%s: no answer in 10 s)\n" % command
+            return result.stdout + result.stderr
+        failed = ask("systemctl list-units --failed --plain --no-legend --full")
+        boot = ask("journalctl -b --no-pager -o short-monotonic").splitlines()
+        parts = [failed]
+        for line in failed.splitlines():
+            unit = line.split()[0]
+            own = ask("journalctl -b --no-pager -o short-monotonic -n 40 -u " + shlex.quote(unit))
+            # postgresql.service names its instances postgresql@15-main.service: the stem
+            # finds both, and the lines of processes logging under the stem.
+            stem = unit.rsplit(".", 1)[0]
+            naming = [text for text in boot if stem in text and text not in own][-40:]
+            parts += ["--- systemctl status %s\n" % unit,
+                      ask("systemctl status --no-pager --full --lines=0 " + shlex.quote(unit)),
+                      "--- journalctl -b -u %s\n" % unit, own,
+                      "--- journalctl -b, other lines naming %s\n" % stem,
+                      "".join(text + "\n" for text in naming)]
+        return "".join(parts)
 
     def boot(self, count, prefix="host"):
         """Boot `count` hosts in parallel; return them when each is running with sshd up."""
