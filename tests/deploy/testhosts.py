@@ -2,11 +2,12 @@
 
 The image is built once with mmdebstrap and cached under CACHE_DIR/<hash of the package list>.
 Each host gets its own root (an overlay of the image, or a copy where overlayfs is missing),
-its own hostname, a network namespace we make with a veth pair to the machine (the machine end
-and the host end are our own /30), and sshd that takes a per-run key for root.
+its own hostname, its own cgroup (its systemd's tree, shared with no other container), a network
+namespace we make with a veth pair to the machine (the machine end and the host end are our own
+/30), and sshd that takes a per-run key for root.
 
 Everything started here is stopped by the same object: containers, mounts, veths, namespaces,
-processes; also on an exception, on SIGINT/SIGTERM (turned into exceptions) and at exit.
+cgroups, processes; also on an exception, on SIGINT/SIGTERM (turned into exceptions) and at exit.
 systemd is only ever run by `systemd-nspawn -D <a separate root>`, never on the machine.
 
     python3 tests/deploy/testhosts.py build             # build or reuse the image, print its path
@@ -22,6 +23,7 @@ import fcntl
 import hashlib
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -131,6 +133,29 @@ def _is_mounted(path):
     path = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
+
+
+def _cgroup_trees():
+    """This process's own cgroup, as a directory, in each hierarchy that systemd keeps its tree
+    in: the unified one (cgroup2) and, on a legacy or hybrid machine, name=systemd."""
+    with open("/proc/self/cgroup") as f:  # "0::/path", "9:name=systemd:/path"
+        ours = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)
+    trees = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            root, point = fields[3], fields[4]
+            after = fields[fields.index("-") + 1:]  # file system type, source, options
+            if after[0] == "cgroup2":
+                key = ""
+            elif after[0] == "cgroup" and "name=systemd" in after[2].split(","):
+                key = "name=systemd"
+            else:
+                continue
+            if key in ours and key not in trees:
+                path = os.path.relpath(ours[key], root)
+                trees[key] = os.path.normpath(os.path.join(point, path))
+    return list(trees.values())
 
 
 class Host:
@@ -282,6 +307,19 @@ class TestHosts:
                 "--network-namespace-path=/run/netns/" + host.netns]
         if self.wheelhouse:
             args.append("--bind-ro=%s:/opt/wheelhouse" % os.path.abspath(self.wheelhouse))
+        # Each container in a cgroup of its own. With --keep-unit nspawn puts the container's
+        # systemd in "payload" below nspawn's own cgroup: started from one cgroup, every
+        # container of the machine would share one tree, each systemd removing the others'
+        # unit cgroups while another starts a process in one ("Failed to attach to cgroup
+        # /system.slice/postgresql.service: No such file or directory", 219/CGROUP, a failed
+        # unit, a degraded boot; more often the more boots overlap and the slower they run).
+        cgroups = [os.path.join(tree, "testhost-" + host.netns) for tree in _cgroup_trees()]
+        self._on_close(self._remove_cgroups, cgroups)
+        for cgroup in cgroups:
+            os.mkdir(cgroup)
+        enter = "".join("echo $$ > %s && " % shlex.quote(os.path.join(cgroup, "cgroup.procs"))
+                        for cgroup in cgroups)
+        args = ["sh", "-c", enter + 'exec "$@"', "sh"] + args  # then nspawn, in the same process
         log = open(log_path, "w")
         # Own session: a Ctrl-C at the terminal reaches us, and we stop the container cleanly.
         host.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
@@ -308,6 +346,30 @@ class TestHosts:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
+
+    @staticmethod
+    def _remove_cgroups(cgroups):
+        """Remove a stopped host's cgroups, deepest first; what is left in them is the
+        container's and is killed."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for top in cgroups:
+            for directory, _, _ in os.walk(top, topdown=False):
+                while True:
+                    try:
+                        os.rmdir(directory)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:  # busy: processes still exiting, or left over
+                        if time.monotonic() > deadline:
+                            raise
+                    with open(os.path.join(directory, "cgroup.procs")) as f:
+                        for pid in f.read().split():
+                            try:
+                                os.kill(int(pid), signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                    time.sleep(0.1)
 
     @staticmethod
     def _container_init(nspawn_pid):
@@ -348,8 +410,7 @@ class TestHosts:
                                                                        BOOT_TIMEOUT))
             time.sleep(0.2)
         if state == "degraded":
-            failed = host.run("systemctl --failed --no-legend", check=False).stdout
-            raise RuntimeError("%s booted degraded:\n%s" % (host.name, failed))
+            raise RuntimeError("%s booted degraded:\n%s" % (host.name, self._failed_units(host)))
         while True:  # sshd answers on the host's own address
             try:
                 with socket.create_connection((host.address, 22), timeout=2) as s:
@@ -360,6 +421,36 @@ class TestHosts:
             if time.monotonic() > deadline:
                 raise TimeoutError("%s: no sshd on %s:22" % (host.name, host.address))
             time.sleep(0.2)
+
+    @staticmethod
+    def _failed_units(host):
+        """The failed units, with what systemd and the boot's journal say of each.
+
+        A unit's own journal (-u) lacks what its process logged before it reached the unit's
+        cgroup, e.g. "Failed to attach to cgroup ...": the boot's lines naming the unit follow.
+        """
+        def ask(command):
+            try:
+                result = host.run(command, timeout=10, check=False)
+            except subprocess.TimeoutExpired:
+                return "(%s: no answer in 10 s)\n" % command
+            return result.stdout + result.stderr
+        failed = ask("systemctl list-units --failed --plain --no-legend --full")
+        boot = ask("journalctl -b --no-pager -o short-monotonic").splitlines()
+        parts = [failed]
+        for line in failed.splitlines():
+            unit = line.split()[0]
+            own = ask("journalctl -b --no-pager -o short-monotonic -n 40 -u " + shlex.quote(unit))
+            # postgresql.service names its instances postgresql@15-main.service: the stem
+            # finds both, and the lines of processes logging under the stem.
+            stem = unit.rsplit(".", 1)[0]
+            naming = [text for text in boot if stem in text and text not in own][-40:]
+            parts += ["--- systemctl status %s\n" % unit,
+                      ask("systemctl status --no-pager --full --lines=0 " + shlex.quote(unit)),
+                      "--- journalctl -b -u %s\n" % unit, own,
+                      "--- journalctl -b, other lines naming %s\n" % stem,
+                      "".join(text + "\n" for text in naming)]
+        return "".join(parts)
 
     def boot(self, count, prefix="host"):
         """Boot `count` hosts in parallel; return them when each is running with sshd up."""
