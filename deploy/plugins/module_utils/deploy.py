@@ -110,9 +110,9 @@ def get_page(socket_path, page, host, scheme, timeout=10):
     return (int(match.group(1)), None) if match else (None, "no HTTP answer")
 
 
-def wait_for_page(socket_path, page, host, scheme, seconds, unit):
+def wait_for_page(socket_path, page, host, scheme, seconds, gone):
     """(status, why) of the first answer within ``seconds``: the server may still start,
-    unless systemd says its ``unit`` has failed."""
+    unless ``gone()`` says why it will not (systemd's word on its units), or None."""
     deadline = time.monotonic() + seconds
     while True:
         # a server that accepted no connection yet: the socket queues it, nobody answers
@@ -120,9 +120,15 @@ def wait_for_page(socket_path, page, host, scheme, seconds, unit):
                                timeout=max(1, min(10, deadline - time.monotonic())))
         if status is not None or time.monotonic() > deadline:
             return status, why
-        if unit_state(unit)["ActiveState"] == "failed":
-            return None, f"{unit} failed"
+        reason = gone()
+        if reason:
+            return None, reason
         time.sleep(0.2)
+
+
+def failed(unit):
+    """Why systemd gave ``unit`` up ('UNIT failed'), or None."""
+    return f"{unit} failed" if unit_state(unit)["ActiveState"] == "failed" else None
 
 
 def journal(unit, invocation=None, lines=TAIL_LINES):

@@ -167,7 +167,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.stagetools.deploy.plugins.module_utils import stagetools
 from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
-    RELEASE_PARTS, WEB_GROUP, StepFailed, as_user, journal, read_file, release_binds,
+    RELEASE_PARTS, WEB_GROUP, StepFailed, as_user, failed, journal, read_file, release_binds,
     private_file, remove_file, run, unit_state, user_dir, valid_pip_env, wait_for_page,
     write_file)
 
@@ -627,13 +627,22 @@ class Installation:
         properties += [f"BindReadOnlyPaths={source}:{target}"
                        for source, target in release_binds(system, "next")]
         command = stagetools._server_command(system, workers=1)
+        # A server that fails is started once more for the request still waiting, and then
+        # no more: the socket itself fails, so the wait below ends at once.
         run(["systemd-run", "--quiet", "--collect", f"--unit={unit}",
              f"--socket-property=ListenStream={socket_path}", "--socket-property=SocketMode=0600",
+             "--socket-property=TriggerLimitIntervalSec=600s",
+             "--socket-property=TriggerLimitBurst=2",
              *[f"--property={line}" for line in properties], "--", *command],
             "start the candidate", cwd="/")
         try:
-            status, why = wait_for_page(socket_path, self.params["health_path"], self.local_name,
-                                        self.scheme, CANDIDATE_SECONDS, f"{unit}.service")
+            # A transient unit that failed is collected at once: a socket no longer active
+            # means that the candidate is gone.
+            status, why = wait_for_page(
+                socket_path, self.params["health_path"], self.local_name, self.scheme,
+                CANDIDATE_SECONDS, lambda: failed(f"{unit}.service") or (
+                    None if unit_state(f"{unit}.socket")["ActiveState"] == "active"
+                    else f"{unit}.socket gave up: the server failed as often as it was started"))
             invocation = unit_state(f"{unit}.service")["InvocationID"]
         finally:
             run(["systemctl", "stop", f"{unit}.socket", f"{unit}.service"], "stop", check=False)
@@ -717,7 +726,7 @@ class Installation:
         system = self.system
         status, why = wait_for_page(system.socket_path, self.params["health_path"],
                                     self.local_name, self.scheme, HEALTH_SECONDS,
-                                    f"{self.name}.service")
+                                    lambda: failed(f"{self.name}.service"))
         if status == 200:
             return
         lines = journal(f"{self.name}.service",
@@ -737,7 +746,7 @@ class Installation:
                  f"{self.name}.service"], "restart the previous release")
         status, why = wait_for_page(system.socket_path, self.params["health_path"],
                                     self.local_name, self.scheme, HEALTH_SECONDS,
-                                    f"{self.name}.service")
+                                    lambda: failed(f"{self.name}.service"))
         self.rolled_back = status == 200
         raise failure
 
