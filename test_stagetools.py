@@ -222,7 +222,7 @@ SHOP_PROD = {
     "pip_path": "/home/shop_prod/bin/pip", "core_repo_dir": "/home/shop_prod/src/shop",
     "releases_dir": "/home/shop_prod/releases", "static_url": "static/", "static_dir": "/home/shop_prod/static",
     "media_url": "media/", "media_dir": "/home/shop_prod/media",
-    "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
+    "backups_dir": "/home/shop_prod/backups", "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
     "secret_key_path": "/home/shop_prod/secret_key",
     "certificate_dir": "/etc/letsencrypt/live/shop_prod",
     "acme_challenge_dir": "/var/lib/stagetools/acme",
@@ -239,6 +239,10 @@ SHOP_PROD = {
     "database_socket_dir": "/var/run/postgresql",
     # PROD's rule for this machine's cores (test_capacity__... covers other core counts)
     "workers": min(2 * (os.cpu_count() or 1) + 1, 12), "threads": 4, "idle_stop": 0,
+    # QUAL and PROD back up every night unless they declare otherwise
+    "jobs": {}, "background_workers": {},
+    "backup": {"calendar": "daily", "keep_count": 7, "keep_days": None,
+               "service": "shop_prod-backup.service", "timer": "shop_prod-backup.timer"},
 }
 
 
@@ -257,14 +261,17 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "core_repo_dir": f"{b}/src/{core_repo}", "releases_dir": f"{b}/releases",
         "static_url": "static/",
         "static_dir": f"{b}/static", "media_url": "media/", "media_dir": f"{b}/media",
-        "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
+        "backups_dir": f"{b}/backups", "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
         "secret_key_path": f"{b}/secret_key", "certificate_dir": f"/etc/letsencrypt/live/{name}",
         "manage_py_path": f"{b}/src/{core_repo}/manage.py",
         "database_name": name, "database_user": name,
         "database_sqlite_path": f"{b}/{core_repo}.sqlite",
     }
-    if stage in ("dev", "int"):  # one worker, stopped when idle
-        values.update(workers=1, idle_stop=900)
+    if stage in ("dev", "int"):  # one worker, stopped when idle, no backup
+        values.update(workers=1, idle_stop=900, backup=None)
+    else:
+        values["backup"] = dict(SHOP_PROD["backup"], service=f"{name}-backup.service",
+                                timer=f"{name}-backup.timer")
     values.update(overrides)
     return {**SHOP_PROD, **values}
 
@@ -771,7 +778,7 @@ def test_differences_are_listed_field_by_field():
     names = [field for field, _, _ in expected.differences(other)]
     assert names == ["base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path",
                      "pip_path", "core_repo_dir", "releases_dir", "static_dir", "media_dir",
-                     "secret_key_path",
+                     "backups_dir", "secret_key_path",
                      "manage_py_path", "database_sqlite_path"]
     assert ("base_dir", "/home/shop_prod", "/srv/shop_prod") in expected.differences(other)
 
@@ -1145,8 +1152,9 @@ def test_dev_installation__starter_layout(dev_installation):
     import configparser
     declaration = configparser.ConfigParser()
     declaration.read(repo / "stagetools.ini")
-    assert dict(declaration["stagetools"]) == {"framework": "django", "server": "gunicorn",
-                                               "database": "sqlite"}
+    assert dict(declaration["stagetools"]) == {
+        "framework": "django", "server": "gunicorn", "database": "sqlite",
+        "job clearsessions": "manage clearsessions @ daily"}
     # Made under umask 022, private all the same: database, uploads and key.
     assert stat.S_IMODE((directory / "shop.sqlite").stat().st_mode) == 0o600
     assert stat.S_IMODE((directory / "media").stat().st_mode) == 0o700
@@ -2483,7 +2491,8 @@ def test_capacity__idle_stop_units_of_dev_and_int_only(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     for name in ("shop_prod", "shop_qual"):
         services = stagetools.get_expected_system_from_name(name, declared={}).services
-        units = sorted(path for path in services if path.startswith("/etc/systemd"))
+        units = sorted(path for path in services if path.startswith("/etc/systemd")
+                       and "-backup." not in path)  # QUAL's and PROD's backup
         assert units == [f"/etc/systemd/system/{name}.service",
                          f"/etc/systemd/system/{name}.socket"]
         assert "StopWhenUnneeded" not in services[units[0]] and "Service=" not in services[units[1]]
