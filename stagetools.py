@@ -1981,6 +1981,30 @@ def _calendar_period(calendar):
     return max((b - a for a, b in zip(elapses, elapses[1:])), default=float("inf"))
 
 
+def _schedule_lines(expected):
+    """A line per job, backup and worker of an installation, as systemd runs them: its
+    calendar, its last run and how it went, its next run; a worker's state. For audits."""
+    jobs, workers = _scheduled_jobs(expected), expected.background_workers
+    if not (_systemd_runs() and (jobs or workers)):
+        return []
+    try:
+        services = _unit_states([job["service"] for job in jobs.values()], "Result")
+        timers = _unit_states([job["timer"] for job in jobs.values()],
+                              "LastTriggerUSec,NextElapseUSecRealtime")
+        running = _unit_states([worker["service"] for worker in workers.values()],
+                               "ActiveState,SubState,NRestarts")
+    except (OSError, ValueError) as error:
+        return [f"{expected.name}: systemctl: {error}"]
+    lines = [f"{expected.name} {what}: {job['calendar']}, last "
+             f"{timer.get('LastTriggerUSec') or 'never'}"
+             f"{' (' + service.get('Result', '') + ')' if timer.get('LastTriggerUSec') else ''}"
+             f", next {timer.get('NextElapseUSecRealtime') or 'never'}"
+             for (what, job), service, timer in zip(jobs.items(), services, timers)]
+    return lines + [f"{expected.name} worker {worker}: {state.get('ActiveState')} "
+                    f"({state.get('SubState')}), restarted {state.get('NRestarts')} times"
+                    for worker, state in zip(workers, running)]
+
+
 def _check_undeclared_units(expected):
     """No unit of a job, worker or backup that the installation no longer declares is left
     in the system's unit directory."""
