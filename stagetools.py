@@ -1139,7 +1139,7 @@ def _scheduled(values, later):
     backup = _valid_backup(_DEFAULT_BACKUP) if values["stage"] in (STAGE_PROD, STAGE_QUAL) \
         else None
     for key, (given, number, text) in later.items():
-        family, _, item = key.partition(" ")
+        family, item = key.partition(" ")[::2]
         try:
             if family == "backup":
                 backup = _valid_backup(text, item)
@@ -1276,7 +1276,7 @@ def _calendar_part_problem(name, text):
     if text == "*":
         return None
     for item in text.split(","):
-        item, _, repeat = item.partition("/")
+        item, repeat = item.partition("/")[::2]
         values = item.split("..")
         if name == "second" and len(values) == 1 and item.count(".") == 1 and not repeat:
             values = [item.split(".")[0]] if item.split(".")[1].isdigit() else [""]
@@ -1861,10 +1861,10 @@ def _check_units(expected):
         wanted = ("enabled, active (listening)" if unit == f"{expected.name}.socket" else
                   "enabled, active (waiting)" if unit.endswith(".timer") else
                   "enabled, active (running)" if unit in workers else None)
-        if wanted:  # a socket or timer that has started its service is running
-            facts.append(_fact(f"unit {unit}", wanted, actual in (
-                wanted, wanted.replace("(listening)", "(running)").replace("(waiting)",
-                                                                          "(running)")), actual))
+        running = wanted and wanted.replace("(listening)", "(running)").replace(
+            "(waiting)", "(running)")  # a socket or timer that has started its service
+        if wanted:
+            facts.append(_fact(f"unit {unit}", wanted, actual in (wanted, running), actual))
         else:
             facts.append(_fact(f"unit {unit}", "not failed", state.get("ActiveState") != "failed",
                                actual))

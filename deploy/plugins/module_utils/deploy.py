@@ -225,11 +225,17 @@ def private_file(base_fd, name, uid, check_mode):
 # user, operators as root (check, run); the host module writes it.
 ROOT_COPY = "/usr/local/lib/stagetools/stagetools.py"
 # Run by root in a unit of its own that the service is ordered after: while it runs, the
-# service, the workers and the jobs are stopped and requests wait in the socket. $1 the name,
-# $2 the backup, $3 root's copy of stagetools, $4 "postgresql" or "sqlite".
+# service is stopped and requests wait in the socket. $1 the name, $2 the backup, $3 root's
+# copy of stagetools, $4 "postgresql" or "sqlite", then the workers, the jobs' timers and
+# the jobs: stopped too (those there are), and a job stopped here has not failed.
 RESTORE_SCRIPT = """\
 set -e
-systemctl stop "$1.service" "$1-worker-*.service" "$1-job-*.service" "$1-backup.service"
+systemctl stop "$1.service"
+name=$1 backup=$2 copy=$3 database=$4
+shift 4
+systemctl stop "$@" || true
+systemctl reset-failed "$@" 2>/dev/null || true
+set -- "$name" "$backup" "$copy" "$database"
 if [ "$4" = postgresql ]; then
     runuser -u postgres -- dropdb --force "$1"
     runuser -u postgres -- createdb --owner "$1" "$1"
@@ -286,18 +292,22 @@ def backups(stagetools, system):
 def restore(stagetools, system, backup):
     """Restore ``backup`` (a name of backups()) into the installation in a unit that stops its
     service, workers and jobs, and that the service is ordered after: requests that come
-    meanwhile wait in the socket until the service starts again; then the workers start.
-    Returns the seconds it took."""
+    meanwhile wait in the socket until the service starts again; then the workers and the
+    jobs' timers start. Returns the seconds it took."""
     if backup not in backups(stagetools, system):
         raise StepFailed(f"{system.name} has no backup {backup!r}; it has "
                          f"{', '.join(backups(stagetools, system)[:5]) or 'none'}")
+    jobs = [job for job in list(system.jobs.values()) + [system.backup] if job]
+    scheduled = [worker["service"] for worker in system.background_workers.values()] + [
+        job["timer"] for job in jobs]
     started = time.monotonic()
     run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
          f"--unit={system.name}-restore", "--property=Type=oneshot",
          f"--property=Before={system.name}.service", "--", "/bin/sh", "-c", RESTORE_SCRIPT, "sh",
-         system.name, backup, ROOT_COPY, system.database], "restore", cwd="/")
+         system.name, backup, ROOT_COPY, system.database, *scheduled,
+         *[job["service"] for job in jobs]], "restore", cwd="/")
     run(["systemctl", "start", f"{system.name}.service"], "start the service again")
-    workers = [worker["service"] for worker in system.background_workers.values()]
-    if workers:
-        run(["systemctl", "start", *workers], "start the workers again")
+    if scheduled:  # those there are: a first deploy's failed migration has none yet
+        run(["systemctl", "start", *scheduled], "start the workers and timers again",
+            check=False)
     return time.monotonic() - started

@@ -14,8 +14,9 @@ description:
     disables Debian's C(default) site, which also claims C(default_server); makes the ACME
     challenge directory and the directory of root's records.
   - Writes root's copy of the collection's stagetools.py to
-    C(/usr/local/lib/stagetools/stagetools.py): the installations' backup units run it as
-    each installation's user, operators run it as root (C(check --all), C(run NAME JOB)).
+    C(/usr/local/lib/stagetools/stagetools.py). The installations' backup units run it as
+    each installation's user; operators run it as root, for C(check --all) and
+    C(run NAME JOB).
   - Reloading nginx is the caller's (the role's handler).
 version_added: "0.2.0"
 author: stagetools contributors (!UNKNOWN)

@@ -201,6 +201,8 @@ for part in sys.argv[4:]:
     os.rename(os.path.join(releases, into, part), live)
 os.rmdir(os.path.join(releases, into))
 """
+
+
 class Installation:
     """One run of the module: the steps in order, what they changed, what serves."""
 

@@ -8,14 +8,15 @@ module: restore
 short_description: Restore a backup of a stagetools installation while its requests wait
 description:
   - Restores one of the installation's backups into it, as root's record of its deployment
-    says the installation is: its database (PostgreSQL's dropped and made again, then
-    C(pg_restore); SQLite's file by SQLite's online backup) and C(media/) if the backup holds
-    it. The files are restored by the installation's user with root's copy of stagetools.
+    says the installation is. The database is restored (PostgreSQL's dropped and made again,
+    then C(pg_restore); SQLite's file by SQLite's online backup), and C(media/) if the backup
+    holds it. The files are restored by the installation's user with root's copy of
+    stagetools.
   - While the backup is restored the service, its workers and its jobs are stopped, and
     requests that come meanwhile wait in the socket (systemd holds it); they are answered
     when the service starts again, after the restore. The workers start again then.
   - The backups are those in the installation's backups dir (C(<base_dir>/backups)), named
-    C(STAMP-LABEL): made by its backup timer, by C(stagetools run NAME backup), or before a
+    C(STAMP-LABEL), made by its backup timer, by C(stagetools run NAME backup), or before a
     migration.
 version_added: "0.3.0"
 author: stagetools contributors (!UNKNOWN)
