@@ -2262,7 +2262,9 @@ def _is_probe_answer(answer, paths):
         return False
     system, writable = answer["system"], answer["writable"]
     return (isinstance(answer["version"], str) and isinstance(system, dict)
-            and all(_is_probed_value(value, depth=3) for value in system.values())
+            and all(_is_probed_value(value, depth=3 if key in ("jobs", "background_workers",
+                                                              "backup") else 1)
+                    for key, value in system.items())
             and isinstance(writable, dict) and set(writable) == set(paths)
             and all(isinstance(value, bool) for value in writable.values()))
 

@@ -1119,6 +1119,26 @@ def dev_installation(tmp_path_factory, shared_dir):
     return directory, result.stdout
 
 
+def run_job(expected, job, env, user=True):
+    """Run a job's command as its rendered unit does (ExecStart, WorkingDirectory, User)."""
+    unit = expected["services"][f"/etc/systemd/system/{expected['name']}-job-{job}.service"]
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+    command = shlex.split(lines["ExecStart"])
+    if user:
+        command = ["runuser", "-u", lines["User"], "--", *command]
+    return run(command, cwd=lines["WorkingDirectory"], env=env)
+
+
+@pytest.mark.django
+def test_dev_installation__the_starters_job_runs_as_its_unit_says(dev_installation,
+                                                                  shared_dir):
+    directory, _ = dev_installation
+    expected = show_json("shop_dev", "--expected", "--base-dir", directory)
+    assert expected["jobs"]["clearsessions"]["command"] == "manage clearsessions"
+    assert run_job(expected, "clearsessions", installation_env(shared_dir),
+                   user=False).returncode == 0
+
+
 @pytest.mark.django
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
 def test_dev_installation__served_by_each_server(dev_installation, server, tmp_path):
@@ -1529,6 +1549,8 @@ def construct(name, shared_dir, postgres, stack, server, framework="django",
     if framework == "django":
         run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
              "collectstatic", "--no-input"], env=env, cwd="/")
+    # Now as its repo declares it (its example job, its database), as a deploy tool reads it.
+    expected = show_json(name, "--expected", "--server", server, "--framework", framework)
     base_dir.chmod(0o711)  # nginx passes to static/ and media/; nobody lists the home
     for path, text in expected["services"].items():
         if not path.startswith(str(base_dir)):
@@ -1979,6 +2001,10 @@ def test_flask_dev_and_starlette_prod__served_from_their_units(shared_dir, postg
             framework = "flask" if name == "blog_dev" else "starlette"
             result = cli("check", name, "--framework", framework, "--server", server)
             assert result.returncode == 0, result.stdout
+        # The starters' example job, as its unit runs it: the user's, after aaa_script_setup.
+        for name, env in (("blog_dev", blog_env), ("feed_prod", feed_env)):
+            expected = show_json(name, "--expected")  # as its repo declares it now
+            assert run_job(expected, "notes-report", env).stdout == "1 notes\n"
 
 
 # ---------------------------------------------------------------- adopting an existing Django project
@@ -2924,9 +2950,9 @@ def test_check__units_no_longer_declared_are_named(tmp_path, monkeypatch):
 
 
 def test_run__outside_systemd_or_unknown_job__one_line_exit_2():
-    result = cli("run", "shop_qual", "nosuch")
+    result = cli("run", "jobless_qual", "nosuch")  # no such installation here: its defaults
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "shop_qual job nosuch: it is not declared; run one of: backup" in result.stderr
+    assert "jobless_qual job nosuch: it is not declared; run one of: backup" in result.stderr
 
 
 def test_every_function_of_stagetools_is_at_most_40_lines():
