@@ -2340,9 +2340,22 @@ def _printable(value):
 def _show_table(system):
     rows = [(key, value) for key, value in system.as_dict().items() if key != "services"]
     width = max(len(key) for key, value in rows)
-    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    lines = [f"{key:<{width}}  {_shown(value)}" for key, value in rows]
     lines.append(f"{'services':<{width}}  {', '.join(system.services) or '-'}")
     return "\n".join(lines)
+
+
+def _shown(value):
+    """A value of show's table as it is declared: jobs and workers as 'NAME: COMMAND @
+    CALENDAR', the backup as 'keep 7 @ daily'; '-' for none."""
+    if not isinstance(value, dict):
+        return "-" if value is None else value
+    if "keep_count" in value:
+        keep = value["keep_count"] or f"{value['keep_days']}d"
+        return f"keep {keep} @ {value['calendar']}"
+    return "; ".join(f"{name}: {item['command']}" + (f" @ {item['calendar']}" if "calendar"
+                                                     in item else "")
+                     for name, item in value.items()) or "-"
 
 
 # Every option of the command line, once; each command picks the ones it takes.

@@ -2628,6 +2628,11 @@ def test_jobs__show_expected_json_lists_them_and_their_units(tmp_path):
         "-backup.service", "-backup.timer", "-job-clearsessions.service",
         "-job-clearsessions.timer", "-job-report.service", "-job-report.timer",
         "-worker-tasks.service", ".service", ".socket")]
+    table = cli("show", "shop_qual", "--expected", "--declaration", declaration).stdout
+    assert re.search(r"^jobs\s+clearsessions: manage clearsessions @ daily; report: module "
+                     r"shop.report --since=1d @ Mon..Fri 06:30$", table, re.M), table
+    assert re.search(r"^background_workers\s+tasks: script rq worker", table, re.M), table
+    assert re.search(r"^backup\s+keep 7 @ daily$", table, re.M), table
 
 
 def test_jobs__units_run_the_command_after_aaa_script_setup_as_the_user_sandboxed():
