@@ -560,18 +560,19 @@ class System:
             raise TypeError(f"System needs exactly the fields {', '.join(self.FIELDS)}")
         object.__setattr__(self, "_values", values)
 
-    def _complete(self):
+    def _complete(self, name=None):
+        """The values, with those read on first use filled in: all, or the field ``name``'s."""
         values = self._values
-        if values["user"] is None:
+        if values["user"] is None and name in (None, "user", "group"):
             values["user"], values["group"] = _process_user_and_group()
-        if isinstance(values["jobs"], _Later):  # as declared: validated now
-            values.update(_scheduled(values, values["jobs"]))
+        if isinstance(values["jobs"], _Later) and name not in ("user", "group"):
+            values.update(_scheduled(values, values["jobs"]))  # as declared: validated now
         return values
 
     def __getattr__(self, name):
         if name not in self.FIELDS:  # also copy's and pickle's hooks, before _values exists
             raise AttributeError(f"System has no attribute {name!r}")
-        value = (self._complete() if name in self._LATER_FIELDS else self._values)[name]
+        value = (self._complete(name) if name in self._LATER_FIELDS else self._values)[name]
         if name.endswith(("_dir", "_path")):
             from pathlib import Path
             value = self.__dict__[name] = Path(value)  # read once
