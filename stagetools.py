@@ -2263,11 +2263,14 @@ def _is_probe_answer(answer, paths):
         return False
     system, writable = answer["system"], answer["writable"]
     return (isinstance(answer["version"], str) and isinstance(system, dict)
-            and all(_is_probed_value(value, depth=3 if key in ("jobs", "background_workers",
-                                                              "backup") else 1)
+            and all(_is_probed_value(value, depth=3 if key in _SCHEDULED_FIELDS else 1)
                     for key, value in system.items())
             and isinstance(writable, dict) and set(writable) == set(paths)
             and all(isinstance(value, bool) for value in writable.values()))
+
+
+# The fields whose values are objects (see _scheduled); in the probe's answer only these.
+_SCHEDULED_FIELDS = ("jobs", "background_workers", "backup")
 
 
 def _is_probed_value(value, depth):

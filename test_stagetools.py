@@ -2603,8 +2603,8 @@ def declared_jobs(name, text, framework="django"):
 def test_jobs__declared_once_the_narrowest_section_wins_backups_by_stage():
     prod, qual, dev = (declared_jobs(name, JOBS) for name in ("shop_prod", "shop_qual",
                                                               "shop_dev"))
-    assert list(prod.jobs) == ["clearsessions"] and list(qual.jobs) == ["clearsessions",
-                                                                       "report"]
+    assert list(prod.jobs) == ["clearsessions"]
+    assert list(qual.jobs) == ["clearsessions", "report"]
     assert qual.jobs["report"] == {
         "command": "module shop.report --since=1d", "calendar": "Mon..Fri 06:30",
         "service": "shop_qual-job-report.service", "timer": "shop_qual-job-report.timer"}
@@ -2672,7 +2672,7 @@ HOSTILE_JOBS = {
     "worker x;id = module shop.x": "worker name 'x;id'",
     f"job {'x' * 33} = module shop.x @ daily": "has at most 32 characters",
     # commands
-    "job x = module shop.x; id @ daily": "argument 'id'" if False else "module 'shop.x;'",
+    "job x = module shop.x; id @ daily": "invalid module 'shop.x;'",
     "job x = module shop.x --to=$HOME @ daily": "argument '--to=$HOME': it has the characters '$'",
     "job x = module shop.x `id` @ daily": "argument '`id`': it has the characters '`'",
     "job x = module shop.x %h @ daily": "argument '%h': it has the characters '%'",
@@ -2690,8 +2690,8 @@ HOSTILE_JOBS = {
     "job x = module shop.x @ 0 3 * * *": "calendar '0 3 * * *': it is not [weekdays] [date]",
     "job x = module shop.x @ daily; id": "calendar 'daily; id': it has the characters ';'",
     "job x = module shop.x @ *-*-* 25:00": "the hour '25' is not * or values from 0 to 23",
-    "job x = module shop.x @ *-*-* 03:00 Europe/Berlin": "it is not [weekdays] [date] [time] "
-                                                       "[UTC], nor a shorthand such as daily",
+    "job x = module shop.x @ *-*-* 03:00 Europe/Berlin":
+        "it is not [weekdays] [date] [time] [UTC], nor a shorthand such as daily",
     "job x = module shop.x @ $(date)": "it has the characters",
     "job x = module shop.x": "a job is 'COMMAND @ CALENDAR'",
     # backups
@@ -2876,7 +2876,8 @@ def test_backup__retention_by_count_and_by_age_keeps_the_newest(tmp_path):
     by_age.backups_dir.mkdir(mode=0o700)
     for stem in old:
         (by_age.backups_dir / f"{stem}.sqlite").write_text("")
-    assert stagetools._prune_backups(by_age) == old[:3][::-1]  # older than 30 days; the newest stays
+    # older than 30 days, but the newest stays
+    assert stagetools._prune_backups(by_age) == old[:3][::-1]
     assert list(stagetools._backup_sets(str(by_age.backups_dir))) == [old[3]]
 
 
