@@ -22,12 +22,16 @@ two (``System.differences``) tells whether an installation was built right.
 Standard library only: copy this file into a repo, symlink it, or pip install.
 
 The file reads top to bottom: constants and the naming rules, errors, the
-System, resolvers and the secret key, renderers, checks, the command line, and
+System, resolvers and the secret key; then the rest, which a running installation
+never needs and Python compiles on first use (see _load_rest): root's record of a
+deployment, jobs, workers and backups, renderers, checks, the command line, and
 last the templates of every file stagetools writes or renders.
 """
 
-# Only os and sys at import time: everything else is imported where it is used, so
-# that importing stagetools and resolving a system costs next to nothing (bench/).
+# Only os and sys at import time (and _thread, built in and loaded before any module):
+# everything else is imported where it is used, so that importing stagetools and resolving
+# a system costs next to nothing (bench/).
+import _thread
 import os
 import sys
 
@@ -566,7 +570,7 @@ class System:
         if values["user"] is None and name in (None, "user", "group"):
             values["user"], values["group"] = _process_user_and_group()
         if isinstance(values["jobs"], _Later) and name not in ("user", "group"):
-            values.update(_scheduled(values, values["jobs"]))  # as declared: validated now
+            values.update(_load_rest()["_scheduled"](values, values["jobs"]))  # as declared
         return values
 
     def __getattr__(self, name):
@@ -607,7 +611,7 @@ class System:
     @property
     def services(self):
         """The files an installation needs outside its repo: absolute path -> text."""
-        return _render_services(self)
+        return _load_rest()["_render_services"](self)
 
     def as_dict(self):
         """A JSON-ready dict: paths as strings, the stage as 'prod', 'qual', 'int' or 'dev'."""
@@ -769,9 +773,10 @@ def _module_dirs():
 
 
 def _venv_named_like_an_installation(directory):
-    """Only a virtualenv is an installation: /srv/my_django/app is not one."""
-    return (_name_problem(os.path.basename(directory)) is None
-            and os.path.isfile(os.path.join(directory, "pyvenv.cfg")))
+    """Only a virtualenv is an installation: /srv/my_django/app is not one. (Asked first:
+    a directory without pyvenv.cfg is refused before its name is parsed.)"""
+    return (os.path.isfile(os.path.join(directory, "pyvenv.cfg"))
+            and _name_problem(os.path.basename(directory)) is None)
 
 
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
@@ -966,6 +971,103 @@ def _create_secret_file(path):
         os.unlink(temporary)
 
 
+def database_url(system, database=None):
+    """The database URL of the installation, for apps that take one (Flask, Starlette);
+    ``database`` defaults to the system's (the declared one)."""
+    if _database(system, database) == "sqlite":
+        return f"sqlite:///{system.database_sqlite_path}"
+    # Peer authentication over the local socket: a user, no password, no TCP host.
+    return (f"postgresql://{system.database_user}@/{system.database_name}"
+            f"?host={_database_host(system)}")
+
+
+def django_database(system, database=None):
+    """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
+    with the installation's database and role by peer authentication (no password);
+    ``database`` defaults to the system's (the declared one)."""
+    database = _database(system, database)
+    engine = DATABASES[database]["django_engine"]
+    if database == "sqlite":
+        return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
+    return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
+            "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
+
+
+def _database(system, database):
+    """The system's database, or the one given if the repo does not declare another."""
+    if database is None or database == system.database:
+        return system.database
+    return _chosen("database", database, read_declaration(system.core_repo_dir, system.name),
+                   system.database, system.core_repo_dir, DATABASES)
+
+
+def _database_host(system):
+    """PostgreSQL's socket directory: libpq's compiled-in default differs between builds,
+    so name it, unless libpq's own PGHOST says otherwise."""
+    return os.environ.get("PGHOST") or str(system.database_socket_dir)
+
+
+def flask_config(system, database=None):
+    """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
+    production = not system.is_debug
+    return {
+        "DEBUG": system.is_debug,
+        "SECRET_KEY": read_secret_key(system),
+        "DATABASE_URL": database_url(system, database),
+        "STATIC_FOLDER": str(system.static_dir),
+        "MEDIA_FOLDER": str(system.media_dir),
+        # Installations that share a domain must not read each other's cookies.
+        "SESSION_COOKIE_NAME": f"{system.name}_session",
+        "SESSION_COOKIE_SECURE": production,
+        "PREFERRED_URL_SCHEME": "https" if production else "http",
+    }
+
+
+def starlette_config(system, database=None):
+    """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
+    return {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in flask_config(system, database).items()}
+
+
+# ---------------------------------------------------------------- the rest, on first use
+#
+# A running installation needs only what is above: its name, its system, its declaration's
+# choices, its secret key and its database. The rest of the module (root's record, jobs and
+# backups, renderers, checks, the command line and the templates) is the text _REST, which
+# Python keeps as it is, and which _load_rest compiles and runs into the module on first
+# use: a module attribute that is not above, System.services, a field of jobs, or the
+# command line. So a process that imports stagetools and resolves its system does not
+# unmarshal code it never calls (bench/: start-up), and stagetools stays one file to copy.
+# Tracebacks and coverage name the file's own lines.
+
+_REST_LOCK = _thread.allocate_lock()
+
+
+def _load_rest():
+    """The module's namespace, with _REST compiled and run into it (once)."""
+    namespace = globals()
+    with _REST_LOCK:
+        if "_REST" in namespace:
+            code = compile("\n" * (_REST_LINE - 1) + namespace.pop("_REST"), __file__, "exec")
+            exec(code, namespace)  # this file's own text
+    return namespace
+
+
+def __getattr__(name):
+    """PEP 562: a name of the rest of the module, loaded on first use."""
+    if name.startswith("__") or "_REST" not in globals():  # importlib's probes: not ours
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    namespace = _load_rest()
+    if name not in namespace:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return namespace[name]
+
+
+_REST_LINE = sys._getframe().f_lineno + 1  # the line where _REST starts (its first is empty)
+_REST = r'''
+# ---------------------------------------------------------------- root's record of a deployment
+
+
 def _read_record(name):
     """Root's record of the installation ``name``, or None: ``{"name", "commit" (None until
     a commit serves), "repo", "version", "core_repo", "declaration" (the text of that
@@ -1031,64 +1133,6 @@ def _expected_from_record(record, core_repo=None, **given):
                                  f"the declaration of {name}'s deployed commit {commit}")
     return get_expected_system_from_name(name, core_repo=record["core_repo"],
                                          declared=declared, **given)
-
-
-def database_url(system, database=None):
-    """The database URL of the installation, for apps that take one (Flask, Starlette);
-    ``database`` defaults to the system's (the declared one)."""
-    if _database(system, database) == "sqlite":
-        return f"sqlite:///{system.database_sqlite_path}"
-    # Peer authentication over the local socket: a user, no password, no TCP host.
-    return (f"postgresql://{system.database_user}@/{system.database_name}"
-            f"?host={_database_host(system)}")
-
-
-def django_database(system, database=None):
-    """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
-    with the installation's database and role by peer authentication (no password);
-    ``database`` defaults to the system's (the declared one)."""
-    database = _database(system, database)
-    engine = DATABASES[database]["django_engine"]
-    if database == "sqlite":
-        return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
-    return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
-            "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
-
-
-def _database(system, database):
-    """The system's database, or the one given if the repo does not declare another."""
-    if database is None or database == system.database:
-        return system.database
-    return _chosen("database", database, read_declaration(system.core_repo_dir, system.name),
-                   system.database, system.core_repo_dir, DATABASES)
-
-
-def _database_host(system):
-    """PostgreSQL's socket directory: libpq's compiled-in default differs between builds,
-    so name it, unless libpq's own PGHOST says otherwise."""
-    return os.environ.get("PGHOST") or str(system.database_socket_dir)
-
-
-def flask_config(system, database=None):
-    """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
-    production = not system.is_debug
-    return {
-        "DEBUG": system.is_debug,
-        "SECRET_KEY": read_secret_key(system),
-        "DATABASE_URL": database_url(system, database),
-        "STATIC_FOLDER": str(system.static_dir),
-        "MEDIA_FOLDER": str(system.media_dir),
-        # Installations that share a domain must not read each other's cookies.
-        "SESSION_COOKIE_NAME": f"{system.name}_session",
-        "SESSION_COOKIE_SECURE": production,
-        "PREFERRED_URL_SCHEME": "https" if production else "http",
-    }
-
-
-def starlette_config(system, database=None):
-    """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
-    return {key: str(value).lower() if isinstance(value, bool) else str(value)
-            for key, value in flask_config(system, database).items()}
 
 
 # ---------------------------------------------------------------- jobs, workers and backups
@@ -3233,8 +3277,8 @@ def visits(request):
 """,
 }
 # Flask and Starlette keep their notes in a table of their own, on DATABASE_URL.
-_STARTER_DB = '''\
-"""The notes table on the database URL that stagetools gives: SQLite or PostgreSQL."""
+_STARTER_DB = """\
+# The notes table on the database URL that stagetools gives: SQLite or PostgreSQL.
 import sqlite3
 
 
@@ -3264,15 +3308,15 @@ def add_note(url, text):
 
 def list_notes(url):
     return [text for (text,) in _execute(url, "SELECT text FROM notes")]
-'''
+"""
 # python -m CORE_APP: what migrate is to Django.
-_STARTER_MAIN = '''\
+_STARTER_MAIN = """\
 from . import DATABASE_URL, db
 
 db.create_tables(DATABASE_URL)
-'''
+"""
 _FLASK_STARTER = {
-    "$core_app/__init__.py": '''\
+    "$core_app/__init__.py": """\
 import os
 
 import aaa_env_setup  # first: it resolves the installation
@@ -3305,12 +3349,12 @@ def notes():
 def visits():
     session["visits"] = session.get("visits", 0) + 1
     return jsonify(visits=session["visits"], pid=os.getpid())
-''',
+""",
     "$core_app/db.py": _STARTER_DB,
     "$core_app/__main__.py": _STARTER_MAIN,
 }
 _STARLETTE_STARTER = {
-    "$core_app/__init__.py": '''\
+    "$core_app/__init__.py": """\
 import os
 
 import aaa_env_setup  # first: it resolves the installation
@@ -3361,7 +3405,7 @@ application = Starlette(
                            session_cookie=config("SESSION_COOKIE_NAME"),
                            https_only=config("SESSION_COOKIE_SECURE", cast=bool))],
 )
-''',
+""",
     "$core_app/db.py": _STARTER_DB,
     "$core_app/__main__.py": _STARTER_MAIN,
 }
@@ -3381,10 +3425,11 @@ _STARLETTE_STARTER.update({"$core_app/report.py": _STARTER_REPORT,
                            "aaa_script_setup.py": _STARTER_SCRIPT_SETUP})
 _STARTER_FILES = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
                   "starlette": _STARLETTE_STARTER}
+'''
 
 
 if __name__ == "__main__":
     # One module, run or imported: stagetools_django imports it by name, and its errors
     # must be this module's StagetoolsError.
     sys.modules.setdefault("stagetools", sys.modules[__name__])
-    raise SystemExit(main())
+    raise SystemExit(_load_rest()["main"]())

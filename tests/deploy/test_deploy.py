@@ -144,7 +144,8 @@ def _hostile(what):
 
 
 _hostile("stagetools")
-_SERVICE_UNIT = _SERVICE_UNIT.replace("${identity}", "User=root\\n${identity}")
+# The unit's template is in the text of the part compiled on first use (_REST).
+_REST = _REST.replace("${identity}", "User=root\\n${identity}")
 _original_build_system = _build_system
 
 
