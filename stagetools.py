@@ -22,12 +22,16 @@ two (``System.differences``) tells whether an installation was built right.
 Standard library only: copy this file into a repo, symlink it, or pip install.
 
 The file reads top to bottom: constants and the naming rules, errors, the
-System, resolvers and the secret key, renderers, checks, the command line, and
+System, resolvers and the secret key; then the rest, which a running installation
+never needs and Python compiles on first use (see _load_rest): root's record of a
+deployment, jobs, workers and backups, renderers, checks, the command line, and
 last the templates of every file stagetools writes or renders.
 """
 
-# Only os and sys at import time: everything else is imported where it is used, so
-# that importing stagetools and resolving a system costs next to nothing (bench/).
+# Only os and sys at import time (and _thread, built in and loaded before any module):
+# everything else is imported where it is used, so that importing stagetools and resolving
+# a system costs next to nothing (bench/).
+import _thread
 import os
 import sys
 
@@ -160,6 +164,11 @@ _DECLARED = {"framework": FRAMEWORKS, "server": SERVERS, "database": DATABASES,
              "workers": _declared_number("workers", _MAX_WORKERS),
              "threads": _declared_number("threads", _MAX_THREADS),
              "idle_stop": _declared_idle_stop}
+# What runs besides the web server, declared as ``job NAME = COMMAND @ CALENDAR``,
+# ``worker NAME = COMMAND`` and ``backup = keep COUNT @ CALENDAR`` (or ``off``): only the
+# deploy side uses them (units, show, check). They are kept as declared and validated where
+# they are used (_scheduled), so that no installation's process pays for them at its start.
+_LATER_KEYS = ("job", "worker", "backup")
 
 # The file of a repo that declares what the name cannot say, read by the deploy side
 # (show --expected, check) and by the installation itself.
@@ -205,18 +214,9 @@ def parse_name(name):
     if len(name) > NAME_MAX_LENGTH:
         refuse(f"it has {len(name)} characters, more than the {NAME_MAX_LENGTH} a Unix user "
                "name allows", "shorten the configuration or the stage name")
-    if not name.isascii():
-        refuse("it has non-ASCII characters; a name is also a Unix user and a PostgreSQL role",
-               _USE_NAME_CHARACTERS)
-    if any(char.isspace() for char in name):
-        refuse("it has whitespace", _USE_NAME_CHARACTERS)
-    if any(char in "/\\.:" for char in name):
-        refuse("it has path characters (/ \\ . :)", _USE_NAME_CHARACTERS)
-    if name.lower() != name:
-        refuse("it has uppercase letters; Unix user names are lowercase", f"use {name.lower()!r}")
-    bad = sorted(set(name) - _NAME_CHARACTERS)
-    if bad:
-        refuse(f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS)
+    problem = _name_character_problem(name)
+    if problem:
+        refuse(*problem)
     if name.startswith("pg_"):
         refuse("PostgreSQL reserves role names that start with 'pg_'",
                f"for example {'my' + name!r}")
@@ -237,6 +237,23 @@ def parse_name(name):
         refuse(f"the stage name {stage_name!r} does not start with a stage letter "
                "(p prod, q qual, i int, d dev)", f"for example {configuration + '_prod'!r}")
     return configuration, stage_name, stage
+
+
+def _name_character_problem(name):
+    """(rule, fix) of a name with characters a name may not have, or None."""
+    if not name.isascii():
+        return ("it has non-ASCII characters; a name is also a Unix user and a PostgreSQL "
+                "role", _USE_NAME_CHARACTERS)
+    if any(char.isspace() for char in name):
+        return "it has whitespace", _USE_NAME_CHARACTERS
+    if any(char in "/\\.:" for char in name):
+        return "it has path characters (/ \\ . :)", _USE_NAME_CHARACTERS
+    if name.lower() != name:
+        return "it has uppercase letters; Unix user names are lowercase", f"use {name.lower()!r}"
+    bad = sorted(set(name) - _NAME_CHARACTERS)
+    if bad:
+        return f"it has the characters {''.join(bad)!r}", _USE_NAME_CHARACTERS
+    return None
 
 
 def _valid_identifier(kind, value, name):
@@ -389,7 +406,8 @@ def parse_declaration(text, name=None, given="the declaration"):
             raise _BadDeclaration(given, f"line {number} is not 'key = value' in a section",
                                   f"for example: {_DECLARATION_EXAMPLE}")
         else:
-            key, value = (part.strip() for part in line.split("=", 1))
+            key, value = line.split("=", 1)
+            key, value = " ".join(key.split()), value.strip()  # "job  x" is "job x"
             sections[section][key] = _declared_value(key, value, sections[section], given,
                                                      number)
     declared = dict(sections.get("stagetools", {}))
@@ -413,10 +431,13 @@ def _declaration_section(section, sections, given, number):
 def _declared_value(key, value, section, given, number):
     """The value of ``key = value`` on line ``number``: one of the key's choices, or what its
     validator makes of the text; or the refusal."""
+    if key.partition(" ")[0] in _LATER_KEYS and key not in section:
+        return (given, number, value)  # validated where it is used: _scheduled
     if key not in _DECLARED or key in section:
         raise _BadDeclaration(given, f"line {number}: {key!r} is "
                               f"{'declared twice' if key in section else 'no choice'}",
-                              f"declare each of {', '.join(_DECLARED)} once per section")
+                              f"declare each of {', '.join(_DECLARED)}, job NAME, worker "
+                              "NAME and backup once per section")
     if callable(_DECLARED[key]):
         try:
             return _DECLARED[key](value)
@@ -499,6 +520,7 @@ class System:
         "static_dir": "where collectstatic puts static files; nginx serves them",
         "media_url": "the URL prefix of uploads: 'media/'",
         "media_dir": "where uploads go; nginx serves them to the web, nobody else reads them",
+        "backups_dir": "where backups go, the user's alone (0700, files 0600): <base_dir>/backups",
         "run_dir": "/run/<name>, the directory of the socket: root's, made by systemd",
         "socket_path": "the Unix socket nginx connects to, held by systemd",
         "secret_key_path": "the file of the secret key, the user's alone",
@@ -527,23 +549,34 @@ class System:
         "workers": "worker processes of the server: by stage and the host's cores, or declared",
         "threads": "threads per worker (gunicorn's gthread; 1 for uvicorn and hypercorn)",
         "idle_stop": "seconds without a request before a DEV or INT stops (0: never)",
+        # what runs besides the web server (declared; see _scheduled)
+        "jobs": "the scheduled jobs: {name: {command, calendar, service, timer}}",
+        "background_workers": "long-running processes besides the server (queue workers): "
+                              "{name: {command, service}}",
+        "backup": "the scheduled backup, QUAL and PROD unless declared: {calendar, keep_count, "
+                  "keep_days, service, timer}; None: none",
     }
+    # Looked up or validated on first read, not at start-up (see _complete).
+    _LATER_FIELDS = ("user", "group", "jobs", "background_workers", "backup")
 
     def __init__(self, **values):
         if set(values) != set(self.FIELDS):
             raise TypeError(f"System needs exactly the fields {', '.join(self.FIELDS)}")
         object.__setattr__(self, "_values", values)
 
-    def _complete(self):
+    def _complete(self, name=None):
+        """The values, with those read on first use filled in: all, or the field ``name``'s."""
         values = self._values
-        if values["user"] is None:
+        if values["user"] is None and name in (None, "user", "group"):
             values["user"], values["group"] = _process_user_and_group()
+        if isinstance(values["jobs"], _Later) and name not in ("user", "group"):
+            values.update(_load_rest()["_scheduled"](values, values["jobs"]))  # as declared
         return values
 
     def __getattr__(self, name):
         if name not in self.FIELDS:  # also copy's and pickle's hooks, before _values exists
             raise AttributeError(f"System has no attribute {name!r}")
-        value = (self._complete() if name in ("user", "group") else self._values)[name]
+        value = (self._complete(name) if name in self._LATER_FIELDS else self._values)[name]
         if name.endswith(("_dir", "_path")):
             from pathlib import Path
             value = self.__dict__[name] = Path(value)  # read once
@@ -562,7 +595,8 @@ class System:
 
     def __hash__(self):
         values = self._complete()
-        return hash(tuple(values[name] for name in self.FIELDS))
+        return hash(tuple(values[name] for name in self.FIELDS if not isinstance(
+            values[name], (dict, type(None)))))
 
     def __getstate__(self):
         return self._complete()
@@ -577,7 +611,7 @@ class System:
     @property
     def services(self):
         """The files an installation needs outside its repo: absolute path -> text."""
-        return _render_services(self)
+        return _load_rest()["_render_services"](self)
 
     def as_dict(self):
         """A JSON-ready dict: paths as strings, the stage as 'prod', 'qual', 'int' or 'dev'."""
@@ -594,6 +628,11 @@ class System:
         mine, theirs = self._complete(), other._complete()
         return [(name, mine[name], theirs[name]) for name in self.FIELDS
                 if name not in ignore and mine[name] != theirs[name]]
+
+
+class _Later(dict):
+    """The declared jobs, workers and backup of a system, as declared: ``{key: (given, line
+    number, value)}``; made into the fields jobs, workers and backup on first read."""
 
 
 def _build_system(name, name_source, base_dir, user, group, core_repo=None, core_app=None,
@@ -622,7 +661,8 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         core_repo_dir=core_repo_dir, releases_dir=join(base_dir, "releases"),
         static_url="static/",
         static_dir=join(base_dir, "static"), media_url="media/",
-        media_dir=join(base_dir, "media"), run_dir=run_dir,
+        media_dir=join(base_dir, "media"), backups_dir=join(base_dir, "backups"),
+        run_dir=run_dir,
         socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
         certificate_dir=f"{_CERTIFICATE_DIR}/{name}", acme_challenge_dir=_ACME_CHALLENGE_DIR,
         application_name="application", asgi_module=entry_module,
@@ -646,11 +686,14 @@ def _choices(stage, core_repo, repo_dir, declared, core_app, framework, server, 
     server = _chosen("server", server, declared, servers[0], repo_dir, servers,
                      f"server for {framework}")
     workers, threads, idle_stop = _capacity(stage, server, declared, repo_dir)
+    later = _Later((key, value) for key, value in declared.items()
+                   if key.partition(" ")[0] in _LATER_KEYS)
     return dict(core_app=_declared_core_app(core_app, declared, core_repo, repo_dir),
                 framework=framework, server=server,
                 database=_chosen("database", database, declared, "sqlite", repo_dir, DATABASES),
                 host_names=_declared_host_names(host_names, declared, repo_dir),
-                workers=workers, threads=threads, idle_stop=idle_stop)
+                workers=workers, threads=threads, idle_stop=idle_stop,
+                jobs=later, background_workers=later, backup=later)
 
 
 def _declared_core_app(given, declared, core_repo, repo_dir):
@@ -730,9 +773,10 @@ def _module_dirs():
 
 
 def _venv_named_like_an_installation(directory):
-    """Only a virtualenv is an installation: /srv/my_django/app is not one."""
-    return (_name_problem(os.path.basename(directory)) is None
-            and os.path.isfile(os.path.join(directory, "pyvenv.cfg")))
+    """Only a virtualenv is an installation: /srv/my_django/app is not one. (Asked first:
+    a directory without pyvenv.cfg is refused before its name is parsed.)"""
+    return (os.path.isfile(os.path.join(directory, "pyvenv.cfg"))
+            and _name_problem(os.path.basename(directory)) is None)
 
 
 def get_actual_system_from_name(name=None, core_repo=None, core_app=None,
@@ -927,6 +971,103 @@ def _create_secret_file(path):
         os.unlink(temporary)
 
 
+def database_url(system, database=None):
+    """The database URL of the installation, for apps that take one (Flask, Starlette);
+    ``database`` defaults to the system's (the declared one)."""
+    if _database(system, database) == "sqlite":
+        return f"sqlite:///{system.database_sqlite_path}"
+    # Peer authentication over the local socket: a user, no password, no TCP host.
+    return (f"postgresql://{system.database_user}@/{system.database_name}"
+            f"?host={_database_host(system)}")
+
+
+def django_database(system, database=None):
+    """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
+    with the installation's database and role by peer authentication (no password);
+    ``database`` defaults to the system's (the declared one)."""
+    database = _database(system, database)
+    engine = DATABASES[database]["django_engine"]
+    if database == "sqlite":
+        return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
+    return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
+            "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
+
+
+def _database(system, database):
+    """The system's database, or the one given if the repo does not declare another."""
+    if database is None or database == system.database:
+        return system.database
+    return _chosen("database", database, read_declaration(system.core_repo_dir, system.name),
+                   system.database, system.core_repo_dir, DATABASES)
+
+
+def _database_host(system):
+    """PostgreSQL's socket directory: libpq's compiled-in default differs between builds,
+    so name it, unless libpq's own PGHOST says otherwise."""
+    return os.environ.get("PGHOST") or str(system.database_socket_dir)
+
+
+def flask_config(system, database=None):
+    """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
+    production = not system.is_debug
+    return {
+        "DEBUG": system.is_debug,
+        "SECRET_KEY": read_secret_key(system),
+        "DATABASE_URL": database_url(system, database),
+        "STATIC_FOLDER": str(system.static_dir),
+        "MEDIA_FOLDER": str(system.media_dir),
+        # Installations that share a domain must not read each other's cookies.
+        "SESSION_COOKIE_NAME": f"{system.name}_session",
+        "SESSION_COOKIE_SECURE": production,
+        "PREFERRED_URL_SCHEME": "https" if production else "http",
+    }
+
+
+def starlette_config(system, database=None):
+    """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
+    return {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in flask_config(system, database).items()}
+
+
+# ---------------------------------------------------------------- the rest, on first use
+#
+# A running installation needs only what is above: its name, its system, its declaration's
+# choices, its secret key and its database. The rest of the module (root's record, jobs and
+# backups, renderers, checks, the command line and the templates) is the text _REST, which
+# Python keeps as it is, and which _load_rest compiles and runs into the module on first
+# use: a module attribute that is not above, System.services, a field of jobs, or the
+# command line. So a process that imports stagetools and resolves its system does not
+# unmarshal code it never calls (bench/: start-up), and stagetools stays one file to copy.
+# Tracebacks and coverage name the file's own lines.
+
+_REST_LOCK = _thread.allocate_lock()
+
+
+def _load_rest():
+    """The module's namespace, with _REST compiled and run into it (once)."""
+    namespace = globals()
+    with _REST_LOCK:
+        if "_REST" in namespace:
+            code = compile("\n" * (_REST_LINE - 1) + namespace.pop("_REST"), __file__, "exec")
+            exec(code, namespace)  # this file's own text
+    return namespace
+
+
+def __getattr__(name):
+    """PEP 562: a name of the rest of the module, loaded on first use."""
+    if name.startswith("__") or "_REST" not in globals():  # importlib's probes: not ours
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    namespace = _load_rest()
+    if name not in namespace:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return namespace[name]
+
+
+_REST_LINE = sys._getframe().f_lineno + 1  # the line where _REST starts (its first is empty)
+_REST = r'''
+# ---------------------------------------------------------------- root's record of a deployment
+
+
 def _read_record(name):
     """Root's record of the installation ``name``, or None: ``{"name", "commit" (None until
     a commit serves), "repo", "version", "core_repo", "declaration" (the text of that
@@ -994,62 +1135,459 @@ def _expected_from_record(record, core_repo=None, **given):
                                          declared=declared, **given)
 
 
-def database_url(system, database=None):
-    """The database URL of the installation, for apps that take one (Flask, Starlette);
-    ``database`` defaults to the system's (the declared one)."""
-    if _database(system, database) == "sqlite":
-        return f"sqlite:///{system.database_sqlite_path}"
-    # Peer authentication over the local socket: a user, no password, no TCP host.
-    return (f"postgresql://{system.database_user}@/{system.database_name}"
-            f"?host={_database_host(system)}")
+# ---------------------------------------------------------------- jobs, workers and backups
+#
+# What an installation runs besides its web server, as its repo declares it (_LATER_KEYS):
+# validated here when a deploy tool, show or check first reads the fields, never at an
+# installation's start.
+
+_JOB_KINDS = ("module", "script", "manage")  # python -m MODULE, bin/SCRIPT, manage.py COMMAND
+_JOB_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+_JOB_NAME_MAX_LENGTH = 32
+# A command runs without a shell, and none of these means anything to systemd (% $ \ quotes).
+_ARGUMENT_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                 "0123456789_.,:=/@+-")
+_COMMAND_MAX_WORDS, _COMMAND_MAX_LENGTH = 32, 400
+_COMMAND_EXAMPLE = "module shop.report, script shop-sync or manage clearsessions"
+# systemd's OnCalendar=, the subset stagetools takes: its shorthands, or [weekdays] [date]
+# [time] [UTC]; each part of the date and time *, or values, ranges V..V and repetitions V/R.
+_CALENDAR_SHORTHANDS = ("minutely", "hourly", "daily", "weekly", "monthly", "quarterly",
+                        "semiannually", "yearly", "annually")
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun", "monday", "tuesday",
+             "wednesday", "thursday", "friday", "saturday", "sunday")
+_CALENDAR_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                 "0123456789*,./:~- ")
+_CALENDAR_RANGES = {"year": (1970, 2199), "month": (1, 12), "day": (1, 31), "hour": (0, 23),
+                    "minute": (0, 59), "second": (0, 59)}
+_CALENDAR_EXAMPLE = "daily, hourly, Mon..Fri 06:30, *-*-01 03:00 or *:0/15 (systemd's OnCalendar=)"
+_CALENDAR_MAX_LENGTH = 100
+# QUAL and PROD back up unless they declare otherwise: the 7 newest, every night.
+_DEFAULT_BACKUP = "keep 7 @ daily"
+_BACKUP_EXAMPLE = "backup = keep 7 @ daily, keep 30d @ daily (an age in days), or off"
+_BACKUP_MAX_KEEP = 1000
+# A backup is the files STAMP-LABEL.<database suffix> and STAMP-LABEL.media.tar in backups_dir.
+_BACKUP_SUFFIXES = {"postgresql": ".pgdump", "sqlite": ".sqlite"}
+_MEDIA_SUFFIX = ".media.tar"
+_BACKUP_STAMP = "%Y%m%dT%H%M%SZ"
+_BACKUP_LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+_BACKUP_TIMEOUT = 6 * 3600  # seconds of pg_dump or pg_restore
+# Root's copy of this file on a host, written by the deploy tool: the backup unit runs it as
+# the installation's user, and operators run it as root (check, run).
+_ROOT_COPY = "/usr/local/lib/stagetools/stagetools.py"
 
 
-def django_database(system, database=None):
-    """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
-    with the installation's database and role by peer authentication (no password);
-    ``database`` defaults to the system's (the declared one)."""
-    database = _database(system, database)
-    engine = DATABASES[database]["django_engine"]
-    if database == "sqlite":
-        return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
-    return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
-            "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
+def _scheduled(values, later):
+    """The fields jobs, background_workers and backup of a system's ``values``, from what its
+    repo declares (``later``, as declared; see _Later): validated, or refused naming the line."""
+    name, framework = values["name"], values["framework"]
+    jobs, workers = {}, {}
+    backup = _valid_backup(_DEFAULT_BACKUP) if values["stage"] in (STAGE_PROD, STAGE_QUAL) \
+        else None
+    for key, (given, number, text) in later.items():
+        family, item = key.partition(" ")[::2]
+        try:
+            if family == "backup":
+                backup = _valid_backup(text, item)
+            elif _valid_job_name(family, item) and text == "off":  # a broader section's, not here
+                continue
+            elif family == "job":
+                jobs[item] = _valid_job(text, framework)
+            else:
+                workers[item] = {"command": _valid_command(text, framework)}
+        except StagetoolsError as error:
+            raise _BadDeclaration(given, f"line {number}: {key}: {error.given}: {error.rule}",
+                                  error.fix) from None
+    for item, job in jobs.items():
+        job.update(service=f"{name}-job-{item}.service", timer=f"{name}-job-{item}.timer")
+    for item, worker in workers.items():
+        worker["service"] = f"{name}-worker-{item}.service"
+    if backup:
+        backup.update(service=f"{name}-backup.service", timer=f"{name}-backup.timer")
+    return {"jobs": dict(sorted(jobs.items())), "background_workers": dict(sorted(
+        workers.items())), "backup": backup}
 
 
-def _database(system, database):
-    """The system's database, or the one given if the repo does not declare another."""
-    if database is None or database == system.database:
-        return system.database
-    return _chosen("database", database, read_declaration(system.core_repo_dir, system.name),
-                   system.database, system.core_repo_dir, DATABASES)
+def _valid_job_name(family, name):
+    """The name of a job or worker, as its units are named: NAME-job-<name>.service."""
+    if not (name and len(name) <= _JOB_NAME_MAX_LENGTH and "a" <= name[0] <= "z"
+            and set(name) <= _JOB_NAME_CHARACTERS) or family == "job" and name == "backup":
+        raise StagetoolsError(f"{family} name {name!r}", f"a {family} name has a-z, 0-9 and - "
+                              f"only, starts with a letter, has at most {_JOB_NAME_MAX_LENGTH} "
+                              "characters and is not backup (it names the units)",
+                              f"for example {family} clearsessions = ...")
+    return name
 
 
-def _database_host(system):
-    """PostgreSQL's socket directory: libpq's compiled-in default differs between builds,
-    so name it, unless libpq's own PGHOST says otherwise."""
-    return os.environ.get("PGHOST") or str(system.database_socket_dir)
+def _valid_job(text, framework):
+    """``COMMAND @ CALENDAR``: {command, calendar}."""
+    command, separator, calendar = text.rpartition(" @ ")
+    if not separator:
+        raise StagetoolsError(f"{text!r}", "a job is 'COMMAND @ CALENDAR'",
+                              "for example job clearsessions = manage clearsessions @ daily")
+    return {"command": _valid_command(command, framework), "calendar": _valid_calendar(calendar)}
 
 
-def flask_config(system, database=None):
-    """The ``app.config`` of a Flask app of the installation: ``app.config.update(...)``."""
-    production = not system.is_debug
-    return {
-        "DEBUG": system.is_debug,
-        "SECRET_KEY": read_secret_key(system),
-        "DATABASE_URL": database_url(system, database),
-        "STATIC_FOLDER": str(system.static_dir),
-        "MEDIA_FOLDER": str(system.media_dir),
-        # Installations that share a domain must not read each other's cookies.
-        "SESSION_COOKIE_NAME": f"{system.name}_session",
-        "SESSION_COOKIE_SECURE": production,
-        "PREFERRED_URL_SCHEME": "https" if production else "http",
-    }
+def _valid_command(text, framework):
+    """What a job or worker runs, words of a small safe set (no shell runs it): ``module
+    MODULE ARGS`` (python -m), ``script NAME ARGS`` (a console script of the virtualenv) or
+    ``manage COMMAND ARGS`` (Django's); the words joined by one space."""
+    words = text.split()
+    if not words or words[0] not in _JOB_KINDS or len(words) < 2:
+        raise StagetoolsError(f"command {text!r}", "it is not module, script or manage, then "
+                              "what to run", f"for example {_COMMAND_EXAMPLE}")
+    kind, target = words[:2]
+    if kind == "module":
+        _valid_module("module", target)
+    elif kind == "manage" and framework != "django":
+        raise StagetoolsError(f"command {text!r}", f"manage runs Django's commands; the "
+                              f"framework is {framework}", "use module or script")
+    elif target[0] in ".-" or set(target) - _ARGUMENT_CHARACTERS or "/" in target:
+        raise StagetoolsError(f"{kind} {target!r}", f"a {kind} is a name of bin/ or Django's "
+                              "command: a-z, A-Z, 0-9, _ . - (not first: . -)",
+                              f"for example {_COMMAND_EXAMPLE}")
+    for word in words[2:]:
+        bad = sorted(set(word) - _ARGUMENT_CHARACTERS)
+        if bad:
+            raise StagetoolsError(f"argument {word!r}", f"it has the characters "
+                                  f"{''.join(bad)!r}", "commands run without a shell: words of "
+                                  "a-z, A-Z, 0-9 and _ . , : = / @ + - only")
+    if len(words) > _COMMAND_MAX_WORDS or len(text) > _COMMAND_MAX_LENGTH:
+        raise StagetoolsError(f"command {text[:40]!r}...", f"more than {_COMMAND_MAX_WORDS} "
+                              f"words or {_COMMAND_MAX_LENGTH} characters",
+                              "put the arguments into the module or script")
+    return " ".join(words)
 
 
-def starlette_config(system, database=None):
-    """The mapping ``starlette.config.Config(environ=...)`` reads: the same keys, as strings."""
-    return {key: str(value).lower() if isinstance(value, bool) else str(value)
-            for key, value in flask_config(system, database).items()}
+def _valid_calendar(text):
+    """A calendar expression of systemd's OnCalendar= in stagetools' subset, its words joined
+    by one space; or a refusal."""
+    problem = _calendar_problem(text)
+    if problem:
+        raise StagetoolsError(f"calendar {text!r}", problem, f"for example {_CALENDAR_EXAMPLE}")
+    return " ".join(text.split())
+
+
+def _calendar_problem(text):
+    """Why ``text`` is not a calendar of stagetools' subset, or None."""
+    bad = sorted(set(text) - _CALENDAR_CHARACTERS)
+    words = text.split()
+    if bad:
+        return f"it has the characters {''.join(bad)!r}"
+    if not words or len(text) > _CALENDAR_MAX_LENGTH:
+        return f"it is empty or longer than {_CALENDAR_MAX_LENGTH} characters"
+    if len(words) == 1 and words[0].lower() in _CALENDAR_SHORTHANDS:
+        return None
+    words = words[:-1] if words[-1] == "UTC" else words
+    if words and words[0][0].isalpha():
+        problem = _weekdays_problem(words.pop(0))
+        if problem:
+            return problem
+    dates = [word for word in words if ":" not in word]
+    times = [word for word in words if ":" in word]
+    if len(dates) > 1 or len(times) > 1 or words != dates + times:
+        return "it is not [weekdays] [date] [time] [UTC], nor a shorthand such as daily"
+    parts = []
+    for word, names in [(word, _date_parts(word)) for word in dates] + [
+            (word, ("hour", "minute", "second")[:len(word.split(":"))]) for word in times]:
+        values = word.replace("~", "-").split("-") if ":" not in word else word.split(":")
+        if names is None or len(values) not in (2, 3) or len(values) != len(names):
+            return f"{word!r} is not a date (YYYY-MM-DD, MM-DD) or a time (HH:MM, HH:MM:SS)"
+        parts += zip(names, values)
+    return next((problem for problem in (_calendar_part_problem(*part) for part in parts)
+                 if problem), None)
+
+
+def _weekdays_problem(word):
+    """Why a calendar's first word is not weekdays (Mon, Mon..Fri, Sat,Sun), or None."""
+    for item in word.split(","):
+        days = item.split("..")
+        if len(days) > 2 or not all(day.lower() in _WEEKDAYS for day in days):
+            return f"{word!r} is not weekdays such as Mon, Mon..Fri or Sat,Sun"
+    return None
+
+
+def _date_parts(word):
+    """The names of a date's parts: year, month, day (YYYY-MM-DD, YYYY-MM~DD: the DDth last
+    day) or month, day; None if it is neither."""
+    count = word.count("-") + word.count("~")
+    if word.count("~") > 1 or count not in (1, 2) or "-" in word.partition("~")[2]:
+        return None  # a ~ stands between the month and the day only
+    return ("year", "month", "day")[3 - (count + 1):]
+
+
+def _calendar_part_problem(name, text):
+    """Why one part of a date or time is not *, values, ranges or repetitions in its range."""
+    low, high = _CALENDAR_RANGES[name]
+    if text == "*":
+        return None
+    for item in text.split(","):
+        item, repeat = item.partition("/")[::2]
+        values = item.split("..")
+        if name == "second" and len(values) == 1 and item.count(".") == 1 and not repeat:
+            values = [item.split(".")[0]] if item.split(".")[1].isdigit() else [""]
+        if not (len(values) <= 2 and all(value.isascii() and value.isdigit() and low <= int(
+                value) <= high for value in values) and (not repeat or repeat.isascii()
+                                                         and repeat.isdigit() and int(repeat))):
+            return f"the {name} {text!r} is not * or values from {low} to {high} (V, V..V, V/R)"
+    return None
+
+
+def _valid_backup(text, item=""):
+    """``keep COUNT @ CALENDAR`` (the COUNT newest), ``keep DAYSd @ CALENDAR`` (those of the
+    last DAYS days; the newest always stays) or ``off``: {calendar, keep_count, keep_days}
+    or None."""
+    keep, separator, calendar = text.rpartition(" @ ")
+    words, fix = keep.split(), f"for example {_BACKUP_EXAMPLE}"
+    if item:
+        raise StagetoolsError(f"backup {item}", "a backup has no name", fix)
+    if text == "off":
+        return None
+    number = words[1] if separator and len(words) == 2 and words[0] == "keep" else ""
+    days = number.endswith("d")
+    number = number[:-1] if days else number
+    if not (number.isascii() and number.isdigit() and 1 <= int(number) <= _BACKUP_MAX_KEEP):
+        raise StagetoolsError(f"{text!r}", f"a backup is 'keep COUNT @ CALENDAR' or 'keep DAYSd "
+                              f"@ CALENDAR' (1 to {_BACKUP_MAX_KEEP}), or off", fix)
+    return {"calendar": _valid_calendar(calendar), "keep_count": None if days else int(number),
+            "keep_days": int(number) if days else None}
+
+
+def _back_up(system, label="scheduled", media=True):
+    """Back the installation up into backups_dir, as its user: the database (pg_dump
+    --format=custom, or SQLite's online backup) and, with ``media``, media/ (a tar), each
+    written under a temporary name and renamed when whole, 0600 in a 0700 directory; then the
+    declared retention. Returns the backup's name, STAMP-LABEL; None if there was nothing."""
+    import time
+    if not (label and set(label) <= _BACKUP_LABEL_CHARACTERS and len(label) <= 40):
+        raise StagetoolsError(f"backup label {label!r}", "a label has a-z, 0-9 and - only",
+                              "for example scheduled")
+    umask = os.umask(0o077)
+    try:
+        directory = _backups_directory(system)
+        stem = f"{time.strftime(_BACKUP_STAMP, time.gmtime())}-{label}"
+        while stem in _backup_sets(directory):  # one a second: the stamp orders them
+            time.sleep(0.2)
+            stem = f"{time.strftime(_BACKUP_STAMP, time.gmtime())}-{label}"
+        path = os.path.join(directory, stem)
+        written = [_back_up_database(system, path + _BACKUP_SUFFIXES[system.database])]
+        if media and _file_kind(system.media_dir) == _DIRECTORY:
+            written.append(_back_up_media(system, path + _MEDIA_SUFFIX))
+    finally:
+        os.umask(umask)
+    _prune_backups(system)
+    return stem if any(written) else None
+
+
+def _backups_directory(system):
+    """backups_dir, made if missing: a directory (not a link) of this process's user, 0700."""
+    directory = str(system.backups_dir)
+    if not os.path.lexists(directory):
+        os.mkdir(directory, 0o700)
+    info = os.lstat(directory)
+    if _file_kind(directory) != _DIRECTORY or info.st_uid != os.geteuid():
+        raise StagetoolsError(f"'{directory}'", f"it is {_file_kind(directory)} of "
+                              f"{_user_name(info.st_uid)!r}, not a directory of "
+                              f"{_user_name(os.geteuid())!r}", "remove it; the next backup "
+                              "makes it")
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def _write_whole(path, write):
+    """``write(temporary path)``, then the file renamed to ``path``: none or all of it."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def _back_up_database(system, path):
+    """The database into ``path``; None for a SQLite database not made yet."""
+    if system.database == "postgresql":
+        return _write_whole(path, lambda temporary: _run_database_tool(
+            ["pg_dump", "--format=custom", "--file", temporary, "--host",
+             _database_host(system), "--dbname", system.database_name], "pg_dump"))
+    database = str(system.database_sqlite_path)
+    if not os.path.isfile(database):
+        return None
+
+    def copy(temporary):
+        import sqlite3
+        source = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        target = sqlite3.connect(temporary)
+        try:
+            source.backup(target)  # SQLite's online backup: a consistent copy, writers wait
+        finally:
+            target.close()
+            source.close()
+    return _write_whole(path, copy)
+
+
+def _run_database_tool(command, what):
+    """Run pg_dump or pg_restore; its last line of error in a refusal if it fails."""
+    import subprocess
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                timeout=_BACKUP_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise StagetoolsError(what, f"it did not run: {error}", "install PostgreSQL's "
+                              "client (apt-get install postgresql-client)") from None
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["no message"]
+        raise StagetoolsError(what, f"it exited {result.returncode}: {lines[-1]}",
+                              "see its message")
+
+
+def _back_up_media(system, path):
+    """media/ into the tar ``path``: its directories and regular files (no link: nginx would
+    serve none, and a restore makes none)."""
+    import tarfile
+
+    def regular(info):
+        return info if info.isfile() or info.isdir() else None
+
+    def write(temporary):
+        with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
+            for entry in sorted(os.listdir(system.media_dir)):
+                archive.add(os.path.join(system.media_dir, entry), arcname=entry,
+                            filter=regular)
+    return _write_whole(path, write)
+
+
+def _backup_sets(directory):
+    """The backups in ``directory``, newest first: {STAMP-LABEL: [its file names]}."""
+    sets = {}
+    for entry in os.scandir(directory):
+        stem, dot, suffix = entry.name.partition(".")
+        if (_is_backup_stem(stem) and f".{suffix}" in (*_BACKUP_SUFFIXES.values(),
+                                                       _MEDIA_SUFFIX)
+                and entry.is_file(follow_symlinks=False)):
+            sets.setdefault(stem, []).append(entry.name)
+    return dict(sorted(sets.items(), reverse=True))
+
+
+def _is_backup_stem(stem):
+    """Whether ``stem`` is STAMP-LABEL, as _back_up names a backup."""
+    return (len(stem) > 17 and stem[:8].isdigit() and stem[8] == "T" and stem[9:15].isdigit()
+            and stem[15:17] == "Z-" and stem.isascii()
+            and set(stem[17:]) <= _BACKUP_LABEL_CHARACTERS)
+
+
+def _prune_backups(system):
+    """Remove the backups the declared retention does not keep; the newest always stays.
+    Returns the names of those removed."""
+    import calendar
+    import time
+    backup, directory = system.backup, str(system.backups_dir)
+    if not backup:
+        return []
+    sets = list(_backup_sets(directory).items())
+    if backup["keep_count"]:
+        old = sets[backup["keep_count"]:]
+    else:
+        oldest = time.time() - backup["keep_days"] * 86400
+        old = [(stem, names) for stem, names in sets[1:]
+               if calendar.timegm(time.strptime(stem[:16], _BACKUP_STAMP)) < oldest]
+    for stem, names in old:
+        for name in names:
+            os.unlink(os.path.join(directory, name))
+    return [stem for stem, names in old]
+
+
+def _restore_backup(system, stem):
+    """Restore the backup ``stem`` into the installation, as its user, while its service
+    is stopped (the deploy tool's restore does that, and gives PostgreSQL an empty database
+    first): the database, and media/ if the backup holds it."""
+    directory = str(system.backups_dir)
+    sets = _backup_sets(directory) if os.path.isdir(directory) else {}
+    if stem not in sets:
+        raise StagetoolsError(f"backup {stem!r}", f"there is no such backup in '{directory}'",
+                              "choose one of " + (", ".join(list(sets)[:5]) or "none: back up "
+                                                  "first"))
+    database = stem + _BACKUP_SUFFIXES[system.database]
+    if database not in sets[stem] and any(not name.endswith(_MEDIA_SUFFIX)
+                                          for name in sets[stem]):
+        raise StagetoolsError(f"backup {stem!r}", "it is a backup of another kind of database "
+                              f"than {system.database}", "choose a backup of this installation")
+    umask = os.umask(0o077)
+    try:
+        if database in sets[stem]:
+            _restore_database(system, os.path.join(directory, database))
+        if stem + _MEDIA_SUFFIX in sets[stem]:
+            _restore_media(system, os.path.join(directory, stem + _MEDIA_SUFFIX))
+    finally:
+        os.umask(umask)
+    return sets[stem]
+
+
+def _restore_database(system, path):
+    """The database from ``path``: PostgreSQL's into its empty database, SQLite's file
+    replaced page by page by SQLite's online backup."""
+    if system.database == "postgresql":
+        _run_database_tool(["pg_restore", "--no-owner", "--exit-on-error", "--host",
+                            _database_host(system), "--dbname", system.database_name, path],
+                           "pg_restore")
+        return
+    import sqlite3
+    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    target = sqlite3.connect(str(system.database_sqlite_path))
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+
+
+def _restore_media(system, path):
+    """media/ as the tar ``path`` holds it: what is there now goes, its directories and
+    regular files come back, group-readable at most (media/ gives them nginx's group)."""
+    import shutil
+    import tarfile
+    media = str(system.media_dir)
+    umask = os.umask(0o027)
+    try:
+        with tarfile.open(path) as archive:
+            members = _media_members(archive, path)
+            _empty_directory(media)
+            for member in members:
+                target = os.path.join(media, member.name)
+                if member.isdir():  # mkdir keeps media/'s setgid group; chmod would not
+                    os.makedirs(target, 0o750, exist_ok=True)
+                    continue
+                with archive.extractfile(member) as source, open(os.open(
+                        target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640),
+                        "wb") as file:
+                    shutil.copyfileobj(source, file)
+                os.chmod(target, member.mode & 0o750)
+                os.utime(target, (member.mtime, member.mtime))
+    finally:
+        os.umask(umask)
+
+
+def _media_members(archive, path):
+    """The members of a media tar, refused unless each is a file or directory below media/."""
+    members = archive.getmembers()
+    for member in members:
+        if member.name.startswith("/") or ".." in member.name.split("/") or not (
+                member.isfile() or member.isdir()):
+            raise StagetoolsError(f"'{path}'", f"it holds {member.name!r}, which is not a file "
+                                  "or directory below media/", "choose another backup")
+    return members
+
+
+def _empty_directory(path):
+    """Remove what is in a directory, links not followed."""
+    import shutil
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 # ---------------------------------------------------------------- renderers
@@ -1140,11 +1678,67 @@ def _render_services(system):
         f"{_SYSTEM_UNIT_DIR}/{name}.socket": socket,
         f"{_SYSTEM_UNIT_DIR}/{name}.service": service,
         **(_render_idle_units(system) if system.idle_stop else {}),
+        **_render_scheduled_units(system),
         f"{_NGINX_DIR}/{name}.conf": _render_site(system),
         f"{_NGINX_DIR}/{_DEFAULT_SITE}.conf": _render_default_site(),
         os.path.join(user_dir, f"{name}.socket"): user_socket,
         os.path.join(user_dir, f"{name}.service"): user_service,
     }
+
+
+def _render_scheduled_units(system):
+    """The units of the jobs (a oneshot service and its timer each), the workers (a service
+    each) and the backup (a oneshot service and its timer): the installation's user and the
+    web process's sandbox, nothing as root."""
+    units, identity = {}, dict(name=system.name, user=system.user, group=system.group,
+                               hardening=_hardening(system))
+    for job, declared in system.jobs.items():
+        units.update(_render_job(system, identity, f"job {job}", declared["service"],
+                                 declared["timer"], declared["calendar"],
+                                 _job_command(system, declared["command"]),
+                                 system.core_repo_dir))
+    for worker, declared in system.background_workers.items():
+        units[f"{_SYSTEM_UNIT_DIR}/{declared['service']}"] = _fill(
+            _WORKER_SERVICE, worker=worker, core_repo_dir=system.core_repo_dir,
+            exec_start=_job_command(system, declared["command"]), **identity)
+    if system.backup:
+        keep = system.backup["keep_count"] or f"{system.backup['keep_days']} days"
+        units.update(_render_job(system, identity, f"backup (keep {keep})",
+                                 system.backup["service"], system.backup["timer"],
+                                 system.backup["calendar"], _backup_command(system),
+                                 system.base_dir))
+    return units
+
+
+def _render_job(system, identity, what, service, timer, calendar, exec_start, directory):
+    """A oneshot service and the timer that starts it: path -> text."""
+    return {f"{_SYSTEM_UNIT_DIR}/{service}": _fill(_JOB_SERVICE, what=what,
+                                                   working_directory=directory,
+                                                   exec_start=exec_start, **identity),
+            f"{_SYSTEM_UNIT_DIR}/{timer}": _fill(_JOB_TIMER, name=system.name, what=what,
+                                                 calendar=calendar, service=service,
+                                                 delay=_JOB_RANDOM_DELAY)}
+
+
+def _job_command(system, command):
+    """ExecStart= of a job's or worker's command (see _valid_command): the installation's
+    Python imports aaa_script_setup first, as the seed says of scripts, then runs it."""
+    import shlex
+    kind, target, *arguments = command.split()
+    if kind == "module":
+        code = f'runpy.run_module("{target}", run_name="__main__", alter_sys=True)'
+    elif kind == "script":
+        code = f'runpy.run_path("{system.bin_dir}/{target}", run_name="__main__")'
+    else:  # Django's command, as manage.py runs it
+        code, arguments = ('sys.exit(__import__("stagetools_django").manage(["manage"] + '
+                           'sys.argv[1:]))'), [target, *arguments]
+    return shlex.join([str(system.python_path), "-c", f"import aaa_script_setup, runpy, sys; "
+                       f"{code}", *arguments])
+
+
+def _backup_command(system):
+    """ExecStart= of the backup: root's copy of stagetools, run as the installation's user."""
+    return f"/usr/bin/python3 -I {_ROOT_COPY} backup {system.name}"
 
 
 def _render_default_site():
@@ -1190,9 +1784,11 @@ def render_starter(system, requirements=None):
         server=system.server, database=system.database,
         requirements=json.dumps(requirements or FRAMEWORKS[system.framework]["requirements"]
                                 + DATABASES[system.database]["requirements"]),
-        py_modules=json.dumps(["aaa_env_setup"] + (["aaa_script_setup"] if django else [])
+        py_modules=json.dumps(["aaa_env_setup", "aaa_script_setup"]
                               + [module[:-3] for module in modules]),
         system_arguments=", ".join(arguments),
+        job_line="job clearsessions = manage clearsessions @ daily" if django else
+        f"job notes-report = module {system.core_app}.report @ daily",
         imports="import os\n\n" if django else "",
         settings_line='os.environ.setdefault("DJANGO_SETTINGS_MODULE", SYSTEM.django_settings)\n'
         if django else "")
@@ -1290,32 +1886,201 @@ def _check_layout(expected):
 
 
 def _check_units(expected):
-    """Where systemd runs (a host booted with it): the socket is enabled and listening, and
-    no service of the installation has failed."""
-    import subprocess
-    if not os.path.isdir("/run/systemd/system"):  # sd_booted(): no systemd, no unit states
+    """Where systemd runs (a host booted with it): the socket is enabled and listening, the
+    timers enabled and waiting, the workers enabled and running, and no other service of the
+    installation has failed (a job's last run is _check_jobs')."""
+    if not _systemd_runs():
         return []
+    jobs = {job["service"] for job in _scheduled_jobs(expected).values()}
     units = [path.rpartition("/")[2] for path in expected.services
-             if path.startswith(_SYSTEM_UNIT_DIR + "/")]
+             if path.startswith(_SYSTEM_UNIT_DIR + "/") and path.rpartition("/")[2] not in jobs]
     try:
-        shown = subprocess.run(["systemctl", "show", "--property=Id,UnitFileState,ActiveState,"
-                                "SubState", "--", *units], capture_output=True, text=True,
-                               timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as error:
+        states = _unit_states(units, "UnitFileState,ActiveState,SubState")
+    except (OSError, ValueError) as error:
         return [_fact(f"unit {units[0]}", "known to systemd", False, f"systemctl: {error}")]
-    states = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-              for block in shown.strip().split("\n\n")]
+    workers = {worker["service"] for worker in expected.background_workers.values()}
     facts = []
     for unit, state in zip(units, states):
         actual = (f"{state.get('UnitFileState') or 'not installed'}, "
                   f"{state.get('ActiveState')} ({state.get('SubState')})")
-        if unit == f"{expected.name}.socket":  # running: it has started its service
-            facts.append(_fact(f"unit {unit}", "enabled, active (listening)", actual in (
-                "enabled, active (listening)", "enabled, active (running)"), actual))
+        wanted = ("enabled, active (listening)" if unit == f"{expected.name}.socket" else
+                  "enabled, active (waiting)" if unit.endswith(".timer") else
+                  "enabled, active (running)" if unit in workers else None)
+        running = wanted and wanted.replace("(listening)", "(running)").replace(
+            "(waiting)", "(running)")  # a socket or timer that has started its service
+        if wanted:
+            facts.append(_fact(f"unit {unit}", wanted, actual in (wanted, running), actual))
         else:
             facts.append(_fact(f"unit {unit}", "not failed", state.get("ActiveState") != "failed",
                                actual))
     return facts
+
+
+def _systemd_runs():
+    """sd_booted(): whether systemd runs this host, so units have states to ask for."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def _unit_states(units, properties):
+    """What ``systemctl show`` says of each unit: a dict of ``properties`` (comma-separated)
+    per unit, timestamps in UTC; OSError or ValueError if it cannot say."""
+    import subprocess
+    try:
+        shown = subprocess.run(["systemctl", "show", f"--property=Id,{properties}", "--",
+                                *units], capture_output=True, text=True, timeout=30, check=True,
+                               env={"PATH": "/usr/bin:/bin", "TZ": "UTC", "LC_ALL": "C"}).stdout
+    except subprocess.SubprocessError as error:
+        raise ValueError(str(error)) from None
+    states = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+              for block in shown.strip().split("\n\n")]
+    if len(states) != len(units):
+        raise ValueError(f"it told of {len(states)} units, not {len(units)}")
+    return states
+
+
+def _scheduled_jobs(expected):
+    """The jobs and the backup of an installation: {'job NAME' or 'backup': declared}."""
+    jobs = {f"job {name}": job for name, job in expected.jobs.items()}
+    return dict(jobs, backup=expected.backup) if expected.backup else jobs
+
+
+def _check_jobs(expected):
+    """Where systemd runs: each job's and the backup's last run succeeded, and one ran within
+    its period (since the timer started, for one that never ran): a job whose timer stopped,
+    whose runs hang or that fails shows here, by name."""
+    import time
+    jobs = _scheduled_jobs(expected)
+    if not (_systemd_runs() and jobs):
+        return []
+    try:
+        services = _unit_states([job["service"] for job in jobs.values()],
+                                "Result,ActiveState,ExecMainStatus,ExecMainStartTimestamp")
+        timers = _unit_states([job["timer"] for job in jobs.values()],
+                              "LastTriggerUSec,ActiveEnterTimestamp,ActiveState")
+    except (OSError, ValueError) as error:
+        return [_fact("jobs", "known to systemd", False, f"systemctl: {error}")]
+    now = time.time()
+    return [_job_fact(what, job, service, timer, now)
+            for (what, job), service, timer in zip(jobs.items(), services, timers)]
+
+
+def _job_fact(what, job, service, timer, now):
+    """The fact of one job: its last run succeeded, and it ran within its period."""
+    period = _calendar_period(job["calendar"])
+    wanted = f"last run succeeded, one within {_duration(period)}"
+    started = _timestamp(service.get("ExecMainStartTimestamp"))
+    if service.get("Result") not in ("success", None) or service.get("ActiveState") == "failed":
+        return _fact(what, wanted, False, f"last run failed ({service.get('Result')}, exit "
+                     f"status {service.get('ExecMainStatus')}) at {_shown_time(started)}; see "
+                     f"journalctl -u {job['service']}")
+    since = _timestamp(timer.get("LastTriggerUSec")) or _timestamp(
+        timer.get("ActiveEnterTimestamp"))
+    if timer.get("ActiveState") == "active" and since and now - since > period + _JOB_LATE:
+        running = service.get("ActiveState") == "activating"
+        return _fact(what, wanted, False, f"{'running' if running else 'no run'} since "
+                     f"{_shown_time(since)}")
+    return _fact(what, wanted, True, None)
+
+
+def _timestamp(text):
+    """POSIX time of a timestamp systemctl shows in UTC ('Tue 2026-12-01 03:00:12 UTC'), or
+    None for none."""
+    import calendar
+    import time
+    try:
+        return calendar.timegm(time.strptime(text or "", "%a %Y-%m-%d %H:%M:%S UTC"))
+    except ValueError:
+        return None
+
+
+def _shown_time(seconds):
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds)) if seconds else "-"
+
+
+def _duration(seconds):
+    """'1 day', '6 h', '15 min', '30 s' or 'ever' (a calendar that elapses once)."""
+    if seconds == float("inf"):
+        return "ever"
+    for unit, length in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            count = round(seconds / length, 1)
+            return f"{count:g} {unit}{'s' if unit == 'day' and count != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+def _calendar_period(calendar):
+    """The longest time between two of the next elapses of a calendar, as systemd computes
+    them (systemd-analyze calendar); infinity for one that elapses once or never."""
+    import subprocess
+    try:
+        shown = subprocess.run(["systemd-analyze", "calendar", f"--iterations={_PERIOD_RUNS}",
+                                "--", calendar], capture_output=True, text=True, timeout=30,
+                               env={"PATH": "/usr/bin:/bin", "TZ": "UTC", "LC_ALL": "C"},
+                               check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return float("inf")
+    elapses = [_timestamp(line.split(": ", 1)[1].strip()) for line in shown.splitlines()
+               if line.strip().startswith(("Next elapse:", "Iter. #"))]
+    elapses = [elapse for elapse in elapses if elapse]
+    return max((b - a for a, b in zip(elapses, elapses[1:])), default=float("inf"))
+
+
+def _schedule_lines(expected):
+    """A line per job, backup and worker of an installation, as systemd runs them: its
+    calendar, its last run and how it went, its next run; a worker's state. For audits."""
+    jobs, workers = _scheduled_jobs(expected), expected.background_workers
+    if not (_systemd_runs() and (jobs or workers)):
+        return []
+    try:
+        services = _unit_states([job["service"] for job in jobs.values()], "Result")
+        timers = _unit_states([job["timer"] for job in jobs.values()],
+                              "LastTriggerUSec,NextElapseUSecRealtime")
+        running = _unit_states([worker["service"] for worker in workers.values()],
+                               "ActiveState,SubState,NRestarts")
+    except (OSError, ValueError) as error:
+        return [f"{expected.name}: systemctl: {error}"]
+    lines = [f"{expected.name} {what}: {job['calendar']}, last "
+             f"{timer.get('LastTriggerUSec') or 'never'}"
+             f"{' (' + service.get('Result', '') + ')' if timer.get('LastTriggerUSec') else ''}"
+             f", next {timer.get('NextElapseUSecRealtime') or 'never'}"
+             for (what, job), service, timer in zip(jobs.items(), services, timers)]
+    return lines + [f"{expected.name} worker {worker}: {state.get('ActiveState')} "
+                    f"({state.get('SubState')}), restarted {state.get('NRestarts')} times"
+                    for worker, state in zip(workers, running)]
+
+
+def _check_undeclared_units(expected):
+    """No unit of a job, worker or backup that the installation no longer declares is left
+    in the system's unit directory."""
+    rendered = set(expected.services)
+    prefixes = tuple(f"{expected.name}-{kind}" for kind in ("job-", "worker-", "backup."))
+    try:
+        found = sorted(entry.path for entry in os.scandir(_SYSTEM_UNIT_DIR)
+                       if entry.name.startswith(prefixes))
+    except OSError:
+        found = []
+    return [_fact(f"file {path}", "not there: not declared", path in rendered, "there")
+            for path in found if path not in rendered]
+
+
+def _check_backups(expected):
+    """backups_dir, where it exists, and every file in it are the user's alone."""
+    directory = str(expected.backups_dir)
+    if not os.path.lexists(directory):
+        return []
+    if _file_kind(directory) != _DIRECTORY:
+        return [_fact("backups_dir", _DIRECTORY, False, _file_kind(directory))]
+    info = os.lstat(directory)
+    exposed = sorted(entry.name for entry in os.scandir(directory)
+                     if entry.stat(follow_symlinks=False).st_mode & 0o077
+                     or _user_name(entry.stat(follow_symlinks=False).st_uid) != expected.user)
+    return [_fact("backups_dir owner", expected.user, _user_name(info.st_uid) == expected.user,
+                  _user_name(info.st_uid)),
+            _fact("backups_dir mode", _NO_ACCESS_FOR_GROUP_AND_OTHERS, not info.st_mode & 0o077,
+                  f"{info.st_mode & 0o777:o}"),
+            _fact("backups_dir files", f"{expected.user}'s, {_NO_ACCESS_FOR_GROUP_AND_OTHERS}",
+                  not exposed, f"not so: {' '.join(exposed[:5])}")]
 
 
 def _private_file(what, path, user):
@@ -1477,7 +2242,12 @@ def _changeable_by_others(expected):
 
 _CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_layout, _check_units,
            _check_private_files,
-           _check_rendered_files, _check_certificate, _check_actual_system)
+           _check_rendered_files, _check_certificate, _check_actual_system, _check_jobs,
+           _check_undeclared_units, _check_backups)
+# Later than its period by more than this is late: the random delay, the timer's accuracy,
+# and a long run.
+_JOB_LATE = 300
+_PERIOD_RUNS = 8  # elapses of a calendar looked at for its period
 
 
 def check_installation(expected):
@@ -1531,17 +2301,30 @@ def _probe_actual_system(expected, paths):
 
 def _is_probe_answer(answer, paths):
     """Whether ``answer`` has the shape of what the probe prints: a version, a system of
-    JSON scalars and lists of text (an older or newer stagetools may have other fields),
-    and whether each path is writable."""
+    JSON scalars, lists of text and objects of those (jobs: an older or newer stagetools may
+    have other fields), and whether each path is writable."""
     if not (isinstance(answer, dict) and set(answer) == {"version", "system", "writable"}):
         return False
     system, writable = answer["system"], answer["writable"]
     return (isinstance(answer["version"], str) and isinstance(system, dict)
-            and all(value is None or isinstance(value, (str, int)) or isinstance(value, list)
-                    and all(isinstance(item, str) for item in value)
-                    for value in system.values())
+            and all(_is_probed_value(value, depth=3 if key in _SCHEDULED_FIELDS else 1)
+                    for key, value in system.items())
             and isinstance(writable, dict) and set(writable) == set(paths)
             and all(isinstance(value, bool) for value in writable.values()))
+
+
+# The fields whose values are objects (see _scheduled); in the probe's answer only these.
+_SCHEDULED_FIELDS = ("jobs", "background_workers", "backup")
+
+
+def _is_probed_value(value, depth):
+    """A value of the probe's system: None, text, a number, a list of text, or an object of
+    such values nested at most ``depth`` deep."""
+    if isinstance(value, dict):
+        return depth > 1 and all(isinstance(key, str) and _is_probed_value(item, depth - 1)
+                                 for key, item in value.items())
+    return value is None or isinstance(value, (str, int)) or isinstance(value, list) and all(
+        isinstance(item, str) for item in value)
 
 
 def _run_bounded(command, **kwargs):
@@ -1605,9 +2388,22 @@ def _printable(value):
 def _show_table(system):
     rows = [(key, value) for key, value in system.as_dict().items() if key != "services"]
     width = max(len(key) for key, value in rows)
-    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    lines = [f"{key:<{width}}  {_shown(value)}" for key, value in rows]
     lines.append(f"{'services':<{width}}  {', '.join(system.services) or '-'}")
     return "\n".join(lines)
+
+
+def _shown(value):
+    """A value of show's table as it is declared: jobs and workers as 'NAME: COMMAND @
+    CALENDAR', the backup as 'keep 7 @ daily'; '-' for none."""
+    if not isinstance(value, dict):
+        return "-" if value is None else value
+    if "keep_count" in value:
+        keep = value["keep_count"] or f"{value['keep_days']}d"
+        return f"keep {keep} @ {value['calendar']}"
+    return "; ".join(f"{name}: {item['command']}" + (f" @ {item['calendar']}" if "calendar"
+                                                     in item else "")
+                     for name, item in value.items()) or "-"
 
 
 # Every option of the command line, once; each command picks the ones it takes.
@@ -1632,6 +2428,10 @@ _OPTIONS = {
     "--json": dict(action="store_true", help="one JSON object, for machines"),
     "--all": dict(action="store_true", help="every installation of this host (users whose "
                   "home is a virtualenv named like them), a line each"),
+    "--label": dict(default="scheduled", help="the backup's label, a-z, 0-9 and - "
+                    "(default: scheduled)"),
+    "--database-only": dict(action="store_true", help="the database without media/ (before "
+                            "a migration)"),
 }
 
 
@@ -1644,32 +2444,48 @@ def _parser():
 
     def command(name, help, *options, positional=None):
         parser = commands.add_parser(name, help=help)
-        if positional:
-            parser.add_argument(positional[0], **positional[1])
         for option in options:
             parser.add_argument(option, **_OPTIONS[option])
+        if positional:  # after the name, if it takes one
+            parser.add_argument(positional[0], **positional[1])
         return parser
 
     parser = _ArgumentParser(prog="stagetools", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    system = ("--core-repo", "--core-app", "--framework", "--server", "--database",
-              "--host-name", "--json")
-    command("show", "the actual system, or the expected one", "name", "--expected", "--base-dir",
-            "--declaration", *system)
-    command("new", "create an installation to start with: a venv named like the installation, "
-            "a starter repo (with its declaration), its database", "--framework", "--server",
-            "--database", "--core-repo", "--core-app", "--python",
-            positional=("directory", dict(help="the new installation's dir, named like it: "
-                                               "/tmp/shop_dev")))
-    command("adopt", "adopt a Django project made by django-admin startproject, in place, "
-            "or refuse and change nothing; prints the commands that make its DEV installation",
-            "--database", "--core-repo", "--core-app",
-            positional=("directory", dict(help="the project's top directory, with manage.py")))
-    command("check", "compare an installation on disk with its expected system; exit 1 on "
-            "any difference, 3 if it could not be checked", "name", "--all", "--base-dir",
-            "--declaration", *system)
+    for name, (help, options, positional) in _COMMANDS.items():
+        command(name, help, *options, positional=positional)
     return parser
+
+
+_SYSTEM_OPTIONS = ("--core-repo", "--core-app", "--framework", "--server", "--database",
+                   "--host-name", "--json")
+# Each command: its help, its options (of _OPTIONS), and a positional argument of its own.
+_COMMANDS = {
+    "show": ("the actual system, or the expected one",
+             ("name", "--expected", "--base-dir", "--declaration", *_SYSTEM_OPTIONS), None),
+    "new": ("create an installation to start with: a venv named like the installation, a "
+            "starter repo (with its declaration), its database",
+            ("--framework", "--server", "--database", "--core-repo", "--core-app", "--python"),
+            ("directory", dict(help="the new installation's dir, named like it: "
+                                    "/tmp/shop_dev"))),
+    "adopt": ("adopt a Django project made by django-admin startproject, in place, or refuse "
+              "and change nothing; prints the commands that make its DEV installation",
+              ("--database", "--core-repo", "--core-app"),
+              ("directory", dict(help="the project's top directory, with manage.py"))),
+    "check": ("compare an installation on disk with its expected system; exit 1 on any "
+              "difference, 3 if it could not be checked",
+              ("name", "--all", "--base-dir", "--declaration", *_SYSTEM_OPTIONS), None),
+    "run": ("as root: run a job of a deployed installation now, as its user and the way its "
+            "timer would (backup: its backup); exit 1 if it fails", ("name",),
+            ("job", dict(help="the job's name, or backup"))),
+    "backup": ("as the installation's user: back its database and media/ up into its "
+               "backups dir, then keep what its declaration says (what its backup unit runs)",
+               ("name", "--label", "--database-only"), None),
+    "restore": ("as the installation's user, while its service is stopped (the deploy tool's "
+                "restore does that): restore one of its backups", ("name",),
+                ("backup", dict(help="the backup's name, STAMP-LABEL"))),
+}
 
 
 def _cmd_show(args):
@@ -1882,6 +2698,73 @@ def _cmd_check(args):
     return 1 if report["differences"] else 0
 
 
+def _installed_system(name, as_user=False):
+    """The expected system of an installation of this host: as root's record of its
+    deployment says, else from its name alone (installed by hand); with ``as_user``, refused
+    unless this process runs as its user."""
+    if not name:
+        raise StagetoolsError("the command", "it needs the installation's name",
+                              "for example: stagetools backup shop_prod")
+    record = _read_record(name)
+    system = _expected_from_record(record) if record else get_expected_system_from_name(name)
+    me = _process_user_and_group()[0]
+    if as_user and me != system.user:
+        raise StagetoolsError(f"{me} for {name}", f"it runs as the installation's user "
+                              f"{system.user}, in whose files it writes", "as root: systemctl "
+                              f"start {name}-backup.service, or the restore playbook")
+    return system
+
+
+def _cmd_backup(args):
+    system = _installed_system(args.name, as_user=True)
+    stem = _back_up(system, args.label, media=not args.database_only)
+    _say(f"{system.name}: {'backed up as ' + stem if stem else 'nothing to back up yet'} in "
+         f"{system.backups_dir}")
+    return 0
+
+
+def _cmd_restore(args):
+    system = _installed_system(args.name, as_user=True)
+    restored = _restore_backup(system, args.backup)
+    _say(f"{system.name}: restored {', '.join(restored)} from {system.backups_dir}")
+    return 0
+
+
+def _cmd_run(args):
+    """Start a job's service as its timer would, wait for its end, say how it went."""
+    import subprocess
+    import time
+    system = _installed_system(args.name)
+    jobs = _scheduled_jobs(system)
+    what = "backup" if args.job == "backup" else f"job {args.job}"
+    if what not in jobs:
+        raise StagetoolsError(f"{args.name} {what}", "it is not declared",
+                              f"run one of: {', '.join(jobs) or 'none is declared'}")
+    if os.geteuid() != 0 or not _systemd_runs():
+        raise StagetoolsError(f"run {args.name} {args.job}", "it starts the job's unit as its "
+                              "timer would", "run it as root on the host, where systemd runs")
+    unit, started = jobs[what]["service"], time.monotonic()
+    subprocess.run(["systemctl", "start", unit], stdin=subprocess.DEVNULL, check=False,
+                   timeout=_BACKUP_TIMEOUT, capture_output=True)
+    try:
+        state, = _unit_states([unit], "Result,ExecMainStatus,InvocationID")
+    except ValueError as error:
+        raise StagetoolsError(f"run {args.name} {args.job}", f"systemd does not know {unit}: "
+                              f"{error}", "deploy the installation first") from None
+    seconds = time.monotonic() - started
+    if state.get("Result") == "success":
+        _say(f"{system.name} {what}: succeeded in {seconds:.1f} s ({unit})")
+        return 0
+    lines = subprocess.run(["journalctl", "--no-pager", "--output=cat", "--lines=10",
+                            f"_SYSTEMD_INVOCATION_ID={state.get('InvocationID')}"],
+                           capture_output=True, text=True, timeout=30, check=False).stdout
+    for line in lines.splitlines():
+        _say(f"  {_printable(line)[:300]}")
+    _say(f"{system.name} {what}: failed ({state.get('Result')}, exit status "
+         f"{state.get('ExecMainStatus')}) after {seconds:.1f} s; journalctl -u {unit}")
+    return 1
+
+
 def _check_report(expected):
     """check_installation as JSON: {name, ok, checks, could_not_check, differences}."""
     checks, differences, could_not_check = check_installation(expected)
@@ -1998,11 +2881,12 @@ def main(argv=None):
     try:
         args = _parser().parse_args(argv)
         command = args.command
-        if args.command in ("new", "check") and os.name != "posix":
+        if args.command not in ("show", "adopt") and os.name != "posix":
             raise StagetoolsError(args.command, "it works on Linux installations (users, venvs "
                                   "with bin/, systemd)", "run it on the server")
-        return {"show": _cmd_show, "new": _cmd_new, "adopt": _cmd_adopt,
-                "check": _cmd_check}[args.command](args)
+        return {"show": _cmd_show, "new": _cmd_new, "adopt": _cmd_adopt, "check": _cmd_check,
+                "run": _cmd_run, "backup": _cmd_backup, "restore": _cmd_restore}[
+            args.command](args)
     except _CouldNotCheck as error:
         _say(f"stagetools: {_printable(error)}", sys.stderr)
         return 3
@@ -2092,6 +2976,55 @@ SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
+"""
+# A job: its oneshot service (a start while it runs is no second run) and its timer.
+_JOB_SERVICE = """\
+[Unit]
+Description=$name $what (stagetools)
+After=network.target
+
+[Service]
+Type=oneshot
+User=$user
+Group=$group
+WorkingDirectory=$working_directory
+ExecStart=$exec_start
+${hardening}"""
+# Persistent: a run missed while the host was down comes at its start. The delay, fixed per
+# unit and host, keeps the installations of a host from starting their jobs all at once.
+_JOB_TIMER = """\
+[Unit]
+Description=$name $what: $calendar (stagetools)
+
+[Timer]
+OnCalendar=$calendar
+Persistent=true
+RandomizedDelaySec=$delay
+FixedRandomDelay=true
+AccuracySec=1s
+Unit=$service
+
+[Install]
+WantedBy=timers.target
+"""
+_JOB_RANDOM_DELAY = "30s"
+_WORKER_SERVICE = """\
+[Unit]
+Description=$name worker $worker (stagetools)
+After=network.target
+
+[Service]
+Type=exec
+User=$user
+Group=$group
+WorkingDirectory=$core_repo_dir
+ExecStart=$exec_start
+KillMode=mixed
+Restart=on-failure
+RestartSec=2s
+${hardening}
+[Install]
+WantedBy=multi-user.target
 """
 # The idle proxy (_render_idle_units): the installation's user, no network, no home.
 _SOCKET_PROXYD = "/usr/lib/systemd/systemd-socket-proxyd"
@@ -2252,6 +3185,9 @@ _STARTER_DECLARATION = """\
 ${core_app_line}framework = $framework
 server = $server
 database = $database
+# What runs besides the web server: job NAME = COMMAND @ CALENDAR (systemd's OnCalendar=),
+# worker NAME = COMMAND; QUAL and PROD also back up (backup = keep 7 @ daily unless declared).
+$job_line
 """
 _STARTER_ENV_SETUP = """\
 ${imports}from stagetools import get_actual_system_from_name
@@ -2341,8 +3277,8 @@ def visits(request):
 """,
 }
 # Flask and Starlette keep their notes in a table of their own, on DATABASE_URL.
-_STARTER_DB = '''\
-"""The notes table on the database URL that stagetools gives: SQLite or PostgreSQL."""
+_STARTER_DB = """\
+# The notes table on the database URL that stagetools gives: SQLite or PostgreSQL.
 import sqlite3
 
 
@@ -2372,15 +3308,15 @@ def add_note(url, text):
 
 def list_notes(url):
     return [text for (text,) in _execute(url, "SELECT text FROM notes")]
-'''
+"""
 # python -m CORE_APP: what migrate is to Django.
-_STARTER_MAIN = '''\
+_STARTER_MAIN = """\
 from . import DATABASE_URL, db
 
 db.create_tables(DATABASE_URL)
-'''
+"""
 _FLASK_STARTER = {
-    "$core_app/__init__.py": '''\
+    "$core_app/__init__.py": """\
 import os
 
 import aaa_env_setup  # first: it resolves the installation
@@ -2413,12 +3349,12 @@ def notes():
 def visits():
     session["visits"] = session.get("visits", 0) + 1
     return jsonify(visits=session["visits"], pid=os.getpid())
-''',
+""",
     "$core_app/db.py": _STARTER_DB,
     "$core_app/__main__.py": _STARTER_MAIN,
 }
 _STARLETTE_STARTER = {
-    "$core_app/__init__.py": '''\
+    "$core_app/__init__.py": """\
 import os
 
 import aaa_env_setup  # first: it resolves the installation
@@ -2469,16 +3405,31 @@ application = Starlette(
                            session_cookie=config("SESSION_COOKIE_NAME"),
                            https_only=config("SESSION_COOKIE_SECURE", cast=bool))],
 )
-''',
+""",
     "$core_app/db.py": _STARTER_DB,
     "$core_app/__main__.py": _STARTER_MAIN,
 }
+# The example job of Flask and Starlette (stagetools.ini): it prints to the journal.
+_STARTER_REPORT = """\
+from . import DATABASE_URL, db
+
+print(f"{len(db.list_notes(DATABASE_URL))} notes")
+"""
+# What a job's process imports first; Django's also sets Django up.
+_STARTER_SCRIPT_SETUP = """\
+import aaa_env_setup  # noqa: F401 (it resolves the installation)
+"""
+_FLASK_STARTER.update({"$core_app/report.py": _STARTER_REPORT,
+                       "aaa_script_setup.py": _STARTER_SCRIPT_SETUP})
+_STARLETTE_STARTER.update({"$core_app/report.py": _STARTER_REPORT,
+                           "aaa_script_setup.py": _STARTER_SCRIPT_SETUP})
 _STARTER_FILES = {"django": _DJANGO_STARTER, "flask": _FLASK_STARTER,
                   "starlette": _STARLETTE_STARTER}
+'''
 
 
 if __name__ == "__main__":
     # One module, run or imported: stagetools_django imports it by name, and its errors
     # must be this module's StagetoolsError.
     sys.modules.setdefault("stagetools", sys.modules[__name__])
-    raise SystemExit(main())
+    raise SystemExit(_load_rest()["main"]())

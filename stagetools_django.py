@@ -504,7 +504,9 @@ def adopt(directory, database=None, core_repo=None, core_app=None):
                                          f"stagetools.py ({error.strerror})", "adopt copies "
                                          "both into the project", "keep them side by side")
     files = {name: starter[name] for name in written}
-    files[stagetools.DECLARATION_FILE] += f"core_app = {core_app}\n"
+    database_line = f"database = {system.database}\n"  # the core app follows the choices
+    files[stagetools.DECLARATION_FILE] = files[stagetools.DECLARATION_FILE].replace(
+        database_line, f"{database_line}core_app = {core_app}\n", 1)
 
     # Everything is known and checked: now change the tree.
     try:

@@ -222,7 +222,7 @@ SHOP_PROD = {
     "pip_path": "/home/shop_prod/bin/pip", "core_repo_dir": "/home/shop_prod/src/shop",
     "releases_dir": "/home/shop_prod/releases", "static_url": "static/", "static_dir": "/home/shop_prod/static",
     "media_url": "media/", "media_dir": "/home/shop_prod/media",
-    "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
+    "backups_dir": "/home/shop_prod/backups", "run_dir": "/run/shop_prod", "socket_path": "/run/shop_prod/shop_prod.sock",
     "secret_key_path": "/home/shop_prod/secret_key",
     "certificate_dir": "/etc/letsencrypt/live/shop_prod",
     "acme_challenge_dir": "/var/lib/stagetools/acme",
@@ -239,6 +239,10 @@ SHOP_PROD = {
     "database_socket_dir": "/var/run/postgresql",
     # PROD's rule for this machine's cores (test_capacity__... covers other core counts)
     "workers": min(2 * (os.cpu_count() or 1) + 1, 12), "threads": 4, "idle_stop": 0,
+    # QUAL and PROD back up every night unless they declare otherwise
+    "jobs": {}, "background_workers": {},
+    "backup": {"calendar": "daily", "keep_count": 7, "keep_days": None,
+               "service": "shop_prod-backup.service", "timer": "shop_prod-backup.timer"},
 }
 
 
@@ -257,14 +261,17 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "core_repo_dir": f"{b}/src/{core_repo}", "releases_dir": f"{b}/releases",
         "static_url": "static/",
         "static_dir": f"{b}/static", "media_url": "media/", "media_dir": f"{b}/media",
-        "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
+        "backups_dir": f"{b}/backups", "run_dir": f"/run/{name}", "socket_path": f"/run/{name}/{name}.sock",
         "secret_key_path": f"{b}/secret_key", "certificate_dir": f"/etc/letsencrypt/live/{name}",
         "manage_py_path": f"{b}/src/{core_repo}/manage.py",
         "database_name": name, "database_user": name,
         "database_sqlite_path": f"{b}/{core_repo}.sqlite",
     }
-    if stage in ("dev", "int"):  # one worker, stopped when idle
-        values.update(workers=1, idle_stop=900)
+    if stage in ("dev", "int"):  # one worker, stopped when idle, no backup
+        values.update(workers=1, idle_stop=900, backup=None)
+    else:
+        values["backup"] = dict(SHOP_PROD["backup"], service=f"{name}-backup.service",
+                                timer=f"{name}-backup.timer")
     values.update(overrides)
     return {**SHOP_PROD, **values}
 
@@ -849,7 +856,7 @@ def test_differences_are_listed_field_by_field():
     names = [field for field, _, _ in expected.differences(other)]
     assert names == ["base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path",
                      "pip_path", "core_repo_dir", "releases_dir", "static_dir", "media_dir",
-                     "secret_key_path",
+                     "backups_dir", "secret_key_path",
                      "manage_py_path", "database_sqlite_path"]
     assert ("base_dir", "/home/shop_prod", "/srv/shop_prod") in expected.differences(other)
 
@@ -1190,6 +1197,26 @@ def dev_installation(tmp_path_factory, shared_dir):
     return directory, result.stdout
 
 
+def run_job(expected, job, env, user=True):
+    """Run a job's command as its rendered unit does (ExecStart, WorkingDirectory, User)."""
+    unit = expected["services"][f"/etc/systemd/system/{expected['name']}-job-{job}.service"]
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+    command = shlex.split(lines["ExecStart"])
+    if user:
+        command = ["runuser", "-u", lines["User"], "--", *command]
+    return run(command, cwd=lines["WorkingDirectory"], env=env)
+
+
+@pytest.mark.django
+def test_dev_installation__the_starters_job_runs_as_its_unit_says(dev_installation,
+                                                                  shared_dir):
+    directory, _ = dev_installation
+    expected = show_json("shop_dev", "--expected", "--base-dir", directory)
+    assert expected["jobs"]["clearsessions"]["command"] == "manage clearsessions"
+    assert run_job(expected, "clearsessions", installation_env(shared_dir),
+                   user=False).returncode == 0
+
+
 @pytest.mark.django
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
 def test_dev_installation__served_by_each_server(dev_installation, server, tmp_path):
@@ -1223,8 +1250,9 @@ def test_dev_installation__starter_layout(dev_installation):
     import configparser
     declaration = configparser.ConfigParser()
     declaration.read(repo / "stagetools.ini")
-    assert dict(declaration["stagetools"]) == {"framework": "django", "server": "gunicorn",
-                                               "database": "sqlite"}
+    assert dict(declaration["stagetools"]) == {
+        "framework": "django", "server": "gunicorn", "database": "sqlite",
+        "job clearsessions": "manage clearsessions @ daily"}
     # Made under umask 022, private all the same: database, uploads and key.
     assert stat.S_IMODE((directory / "shop.sqlite").stat().st_mode) == 0o600
     assert stat.S_IMODE((directory / "media").stat().st_mode) == 0o700
@@ -1614,6 +1642,8 @@ def construct(name, shared_dir, postgres, stack, server, framework="django",
     if framework == "django":
         run(["runuser", "-u", name, "--", expected["python_path"], expected["manage_py_path"],
              "collectstatic", "--no-input"], env=env, cwd="/")
+    # Now as its repo declares it (its example job, its database), as a deploy tool reads it.
+    expected = show_json(name, "--expected", "--server", server, "--framework", framework)
     install_services(expected, stack)
     return expected, env
 
@@ -2101,6 +2131,10 @@ def test_flask_dev_and_starlette_prod__served_from_their_units(shared_dir, postg
             framework = "flask" if name == "blog_dev" else "starlette"
             result = cli("check", name, "--framework", framework, "--server", server)
             assert result.returncode == 0, result.stdout
+        # The starters' example job, as its unit runs it: the user's, after aaa_script_setup.
+        for name, env in (("blog_dev", blog_env), ("feed_prod", feed_env)):
+            expected = show_json(name, "--expected")  # as its repo declares it now
+            assert run_job(expected, "notes-report", env).stdout == "1 notes\n"
 
 
 # ---------------------------------------------------------------- adopting an existing Django project
@@ -2658,8 +2692,9 @@ def test_adopt__output_and_changes_of_the_startproject_layout(adopted_library):
     assert not project.exists()  # moved into the installation, as printed
     repo = adopted_library["repo"]
     assert not (repo / "locallibrary").exists()  # nothing was left in it
-    assert (repo / "stagetools.ini").read_text().endswith(
-        "server = gunicorn\ndatabase = sqlite\ncore_app = catalog\n")
+    declaration = (repo / "stagetools.ini").read_text()
+    assert "server = gunicorn\ndatabase = sqlite\ncore_app = catalog\n" in declaration
+    assert declaration.endswith("job clearsessions = manage clearsessions @ daily\n")
     assert "core_app" not in (repo / "aaa_env_setup.py").read_text()
     assert "kept locallibrary/" not in output and "removed locallibrary/ (nothing else" in output
 
@@ -3173,7 +3208,8 @@ def test_capacity__idle_stop_units_of_dev_and_int_only(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     for name in ("shop_prod", "shop_qual"):
         services = stagetools.get_expected_system_from_name(name, declared={}).services
-        units = sorted(path for path in services if path.startswith("/etc/systemd"))
+        units = sorted(path for path in services if path.startswith("/etc/systemd")
+                       and "-backup." not in path)  # QUAL's and PROD's backup
         assert units == [f"/etc/systemd/system/{name}.service",
                          f"/etc/systemd/system/{name}.socket"]
         assert "StopWhenUnneeded" not in services[units[0]] and "Service=" not in services[units[1]]
@@ -3232,3 +3268,431 @@ def test_capacity__the_actual_system_resolves_the_same_numbers(tmp_path, monkeyp
                                                         base_dir=str(tmp_path / "shop_qual"))
     assert (actual.workers, actual.threads) == (expected.workers, expected.threads) == (7, 2)
     assert actual.differences(expected, ignore=("name_source", "user", "group")) == []
+
+
+# ---------------------------------------------------------------- jobs, workers and backups
+
+JOBS = """\
+[stagetools]
+job clearsessions = manage clearsessions @ daily
+job report = module shop.report --since=1d @ Mon..Fri 06:30
+worker tasks = script rq worker --url=unix:///run/shop/redis.sock default
+[prod]
+job report = off
+backup = keep 30d @ *-*-* 03:00
+[shop_dev]
+backup = keep 2 @ hourly
+"""
+
+
+def declared_jobs(name, text, framework="django"):
+    """The expected system of ``name`` with ``text`` as its repo's declaration."""
+    return stagetools.get_expected_system_from_name(
+        name, framework=framework, declared=stagetools.parse_declaration(text, name))
+
+
+def test_jobs__declared_once_the_narrowest_section_wins_backups_by_stage():
+    prod, qual, dev = (declared_jobs(name, JOBS) for name in ("shop_prod", "shop_qual",
+                                                              "shop_dev"))
+    assert list(prod.jobs) == ["clearsessions"]
+    assert list(qual.jobs) == ["clearsessions", "report"]
+    assert qual.jobs["report"] == {
+        "command": "module shop.report --since=1d", "calendar": "Mon..Fri 06:30",
+        "service": "shop_qual-job-report.service", "timer": "shop_qual-job-report.timer"}
+    assert prod.background_workers == {"tasks": {
+        "command": "script rq worker --url=unix:///run/shop/redis.sock default",
+        "service": "shop_prod-worker-tasks.service"}}
+    assert (prod.backup["keep_days"], prod.backup["keep_count"]) == (30, None)
+    assert (qual.backup["calendar"], qual.backup["keep_count"]) == ("daily", 7)  # by default
+    assert (dev.backup["calendar"], dev.backup["keep_count"]) == ("hourly", 2)  # declared
+    assert declared_jobs("shop_int", JOBS).backup is None  # DEV and INT: none by default
+    assert declared_jobs("shop_prod", "[prod]\nbackup = off\n").backup is None
+
+
+def test_jobs__show_expected_json_lists_them_and_their_units(tmp_path):
+    declaration = tmp_path / "stagetools.ini"
+    declaration.write_text(JOBS)
+    shown = show_json("shop_qual", "--expected", "--declaration", declaration)
+    assert set(shown["jobs"]) == {"clearsessions", "report"}
+    units = [path for path in shown["services"] if path.startswith("/etc/systemd/system/")]
+    assert sorted(units) == [f"/etc/systemd/system/shop_qual{unit}" for unit in (
+        "-backup.service", "-backup.timer", "-job-clearsessions.service",
+        "-job-clearsessions.timer", "-job-report.service", "-job-report.timer",
+        "-worker-tasks.service", ".service", ".socket")]
+    table = cli("show", "shop_qual", "--expected", "--declaration", declaration).stdout
+    assert re.search(r"^jobs\s+clearsessions: manage clearsessions @ daily; report: module "
+                     r"shop.report --since=1d @ Mon..Fri 06:30$", table, re.M), table
+    assert re.search(r"^background_workers\s+tasks: script rq worker", table, re.M), table
+    assert re.search(r"^backup\s+keep 7 @ daily$", table, re.M), table
+
+
+def test_jobs__units_run_the_command_after_aaa_script_setup_as_the_user_sandboxed():
+    system = declared_jobs("shop_qual", JOBS)
+    services, unit = system.services, "/etc/systemd/system/shop_qual"
+    web_hardening = stagetools._fill(stagetools._HARDENING, base_dir=system.base_dir)
+    for path in (f"{unit}-job-report.service", f"{unit}-worker-tasks.service",
+                 f"{unit}-backup.service"):
+        assert "User=shop_qual\nGroup=shop_qual\n" in services[path]
+        assert web_hardening in services[path], path  # the web process's sandbox
+    assert shlex.split(services[f"{unit}-job-report.service"].split("ExecStart=")[1]
+                       .splitlines()[0]) == [
+        "/home/shop_qual/bin/python", "-c", 'import aaa_script_setup, runpy, sys; '
+        'runpy.run_module("shop.report", run_name="__main__", alter_sys=True)', "--since=1d"]
+    assert shlex.split(services[f"{unit}-job-clearsessions.service"].split("ExecStart=")[1]
+                       .splitlines()[0])[2:] == [
+        'import aaa_script_setup, runpy, sys; sys.exit(__import__("stagetools_django").manage('
+        '["manage"] + sys.argv[1:]))', "clearsessions"]
+    assert 'runpy.run_path("/home/shop_qual/bin/rq", run_name="__main__")' in \
+        services[f"{unit}-worker-tasks.service"]
+    assert "Type=oneshot\n" in services[f"{unit}-job-report.service"]
+    assert "Restart=on-failure\n" in services[f"{unit}-worker-tasks.service"]
+    assert "ExecStart=/usr/bin/python3 -I /usr/local/lib/stagetools/stagetools.py backup " \
+        "shop_qual\n" in services[f"{unit}-backup.service"]
+    timer = services[f"{unit}-job-report.timer"]
+    assert "OnCalendar=Mon..Fri 06:30\nPersistent=true\nRandomizedDelaySec=30s\n" in timer
+    assert "Unit=shop_qual-job-report.service\n" in timer and "WantedBy=timers.target" in timer
+
+
+HOSTILE_JOBS = {
+    # names
+    "job ../../etc = module shop.x @ daily": "job name '../../etc': a job name has a-z",
+    "job Report = module shop.x @ daily": "job name 'Report'",
+    "job a b = module shop.x @ daily": "job name 'a b'",
+    "job = module shop.x @ daily": "job name ''",
+    "job backup = module shop.x @ daily": "job name 'backup'",
+    "worker x;id = module shop.x": "worker name 'x;id'",
+    f"job {'x' * 33} = module shop.x @ daily": "has at most 32 characters",
+    # commands
+    "job x = module shop.x; id @ daily": "invalid module 'shop.x;'",
+    "job x = module shop.x --to=$HOME @ daily": "argument '--to=$HOME': it has the characters '$'",
+    "job x = module shop.x `id` @ daily": "argument '`id`': it has the characters '`'",
+    "job x = module shop.x %h @ daily": "argument '%h': it has the characters '%'",
+    "job x = module shop.x a|b @ daily": "argument 'a|b': it has the characters '|'",
+    "job x = module shop.x && rm @ daily": "argument '&&': it has the characters '&'",
+    "job x = module shop.x >/etc/passwd @ daily": "it has the characters '>'",
+    "job x = module shop.x 'quoted' @ daily": "it has the characters",
+    "job x = module os.system('id') @ daily": "invalid module \"os.system('id')\"",
+    "job x = script ../../../bin/sh @ daily": "script '../../../bin/sh': a script is a name",
+    "job x = script /bin/sh @ daily": "script '/bin/sh'",
+    "job x = python -m shop.x @ daily": "it is not module, script or manage, then what to run",
+    "job x = module @ daily": "it is not module, script or manage, then what to run",
+    "worker x = sh -c id": "command 'sh -c id': it is not module, script or manage",
+    # calendars
+    "job x = module shop.x @ 0 3 * * *": "calendar '0 3 * * *': it is not [weekdays] [date]",
+    "job x = module shop.x @ daily; id": "calendar 'daily; id': it has the characters ';'",
+    "job x = module shop.x @ *-*-* 25:00": "the hour '25' is not * or values from 0 to 23",
+    "job x = module shop.x @ *-*-* 03:00 Europe/Berlin":
+        "it is not [weekdays] [date] [time] [UTC], nor a shorthand such as daily",
+    "job x = module shop.x @ $(date)": "it has the characters",
+    "job x = module shop.x": "a job is 'COMMAND @ CALENDAR'",
+    # backups
+    "backup = keep 0 @ daily": "a backup is 'keep COUNT @ CALENDAR'",
+    "backup = keep lots @ daily": "a backup is 'keep COUNT @ CALENDAR'",
+    "backup = keep 7": "a backup is 'keep COUNT @ CALENDAR'",
+    "backup = keep 7 @ whenever": "calendar 'whenever'",
+    "backup nightly = keep 7 @ daily": "backup nightly: a backup has no name",
+}
+
+
+@pytest.mark.parametrize("line", HOSTILE_JOBS)
+def test_jobs__hostile_names_commands_and_calendars_refused_in_one_line(line, tmp_path):
+    """Refused before anything is rendered: show prints no JSON, one line names the line
+    and the rule, exit 2."""
+    declaration = tmp_path / "stagetools.ini"
+    declaration.write_text(f"[stagetools]\nframework = django\n{line}\n")
+    result = cli("show", "shop_prod", "--expected", "--declaration", declaration, "--json")
+    assert result.returncode == 2 and result.stdout == "", result.stdout[:300]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"stagetools: error: the declaration '{declaration}': line "
+                                    "3: "), result.stderr
+    assert HOSTILE_JOBS[line] in result.stderr, result.stderr
+
+
+def test_jobs__manage_is_for_django_and_off_needs_a_valid_name():
+    with pytest.raises(stagetools.StagetoolsError, match="manage runs Django's commands; the "
+                                                         "framework is flask"):
+        declared_jobs("shop_prod", "[stagetools]\njob x = manage clearsessions @ daily\n",
+                      framework="flask").jobs
+    with pytest.raises(stagetools.StagetoolsError, match="job name 'A'"):
+        declared_jobs("shop_prod", "[stagetools]\njob A = off\n").jobs
+
+
+# The calendars of the refusal table and some more, as systemd-analyze judges them.
+CALENDARS = ["daily", "Daily", "hourly", "minutely", "weekly", "quarterly", "semiannually",
+             "annually", "Mon *-*-* 03:00", "Mon..Fri 06:30", "Mon,Fri 06:30", "*-*-01 03:00",
+             "*:0/15", "*/15", "*:*/15", "*:0..30/10", "*-02~03", "*-02~03 04:00",
+             "2026-12-01 03:00:00", "03:00", "3:0", "*:*:0/20", "*-*-* *:*:00",
+             "*-*-* 25:00", "Mon", "Monday 03:00", "mon 03:00", "*-*-* 03:00 UTC",
+             "12-24 03:00", "*-*-* 03:00:05.5", "*-1,15 0:0", "00/2:00", "now",
+             "2020..2030-*-* 00:00", "*-*-* 3:60", "Mon~Fri", "1970-01-01", "2199-12-31",
+             "2200-01-01", "0 3 * * *", "*:0,30", "Sat,Sun *-*-* 10:00", "Mon..Wed,Fri 05:00",
+             "*-*-1..7 Mon 03:00", "Mon *-*-1..7 03:00", "*-*-0 00:00", "*-13-01",
+             "Mon..Fri..Sun", "*-*-* 00:00:00:00", "*-*-*-* 00:00", "-01-01", "*-*-* :00",
+             "1..5:00", "03:00 Mon", "*-*-* 0/0:00", "*~02", "02~03", "*-*~03"]
+# What systemd takes and stagetools does not: zones other than UTC, and times since 1970.
+SYSTEMD_ONLY = ["*-*-* 03:00 Europe/Berlin", "@1234"]
+
+
+@pytest.mark.skipif(not (IN_CI or shutil.which("systemd-analyze")),
+                    reason="needs systemd-analyze (CI installs systemd)")
+def test_jobs__every_calendar_taken_is_systemds_and_no_other_but_two_kinds():
+    """The calendars stagetools takes are those systemd takes, but for two kinds it refuses
+    on purpose (a zone other than UTC, @seconds)."""
+    for calendar in CALENDARS + SYSTEMD_ONLY:
+        ours = stagetools._calendar_problem(calendar) is None
+        systemd = run(["systemd-analyze", "calendar", calendar], check=False,
+                      env=clean_env(TZ="UTC")).returncode == 0
+        assert ours == (systemd and calendar not in SYSTEMD_ONLY), calendar
+    assert stagetools._calendar_period("daily") == 86400
+    assert stagetools._calendar_period("Mon,Fri 06:00") == 4 * 86400
+    assert stagetools._calendar_period("2026-01-01 00:00") == float("inf")  # past: never
+
+
+@needs_deploy_tools
+def test_jobs__units_verify_and_are_no_more_exposed_than_the_web_unit(tmp_path):
+    """systemd-analyze verify takes every unit; security rates each no worse than the web
+    process's."""
+    base_dir = tmp_path / "shop_qual"
+    (base_dir / "bin").mkdir(parents=True)
+    for program in ("python", "gunicorn"):
+        (base_dir / "bin" / program).symlink_to(SYSTEM_PYTHON)
+    system = stagetools.get_expected_system_from_name(
+        "shop_qual", base_dir=str(base_dir), declared=stagetools.parse_declaration(
+            JOBS, "shop_qual"))
+    units = tmp_path / "units"
+    units.mkdir()
+    for path, text in system.services.items():
+        if path.startswith("/etc/systemd/system/"):
+            (units / Path(path).name).write_text(text)
+    result = run(["systemd-analyze", "verify", *sorted(units.iterdir())], check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    exposure = {}
+    for unit in ("shop_qual.service", "shop_qual-job-report.service",
+                 "shop_qual-worker-tasks.service", "shop_qual-backup.service"):
+        result = run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                      units / unit], check=False)
+        exposure[unit] = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)",
+                                         result.stdout).group(1))
+    assert max(exposure.values()) <= exposure["shop_qual.service"], exposure
+
+
+def backed_up_system(tmp_path, declaration="[stagetools]\nbackup = keep 3 @ daily\n"):
+    """A SQLite installation in ``tmp_path`` with a database of notes and files in media/."""
+    import sqlite3
+    base_dir = tmp_path / "shop_qual"
+    (base_dir / "media" / "photos").mkdir(parents=True)
+    system = stagetools.get_expected_system_from_name(
+        "shop_qual", base_dir=str(base_dir),
+        declared=stagetools.parse_declaration(declaration, "shop_qual"))
+    with contextlib.closing(sqlite3.connect(system.database_sqlite_path)) as database:
+        database.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        database.executemany("INSERT INTO notes (text) VALUES (?)",
+                             [(f"note {i}",) for i in range(100)])
+        database.commit()
+    (system.media_dir / "photos" / "a.jpg").write_bytes(os.urandom(3000))
+    (system.media_dir / "b.txt").write_text("b")
+    return system
+
+
+def sqlite_state(system):
+    """(rows, a hash of their content, a hash of media/'s files)."""
+    import hashlib
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(system.database_sqlite_path)) as database:
+        rows = database.execute("SELECT id, text FROM notes ORDER BY id").fetchall()
+    media = sorted((str(path.relative_to(system.media_dir)), path.read_bytes())
+                   for path in system.media_dir.rglob("*") if path.is_file())
+    return (len(rows), hashlib.sha256(repr(rows).encode()).hexdigest(),
+            hashlib.sha256(repr(media).encode()).hexdigest())
+
+
+def test_backup__sqlite_and_media_round_trip_private(tmp_path):
+    import sqlite3
+    system = backed_up_system(tmp_path)
+    before = sqlite_state(system)
+    stem = stagetools._back_up(system)
+    assert stagetools._is_backup_stem(stem) and stem.endswith("-scheduled")
+    files = sorted(path.name for path in system.backups_dir.iterdir())
+    assert files == [f"{stem}.media.tar", f"{stem}.sqlite"]
+    assert stat.S_IMODE(system.backups_dir.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(path.stat().st_mode) for path in system.backups_dir.iterdir()} == \
+        {0o600}
+    with contextlib.closing(sqlite3.connect(system.database_sqlite_path)) as database:
+        database.execute("INSERT INTO notes (text) VALUES ('after the backup')")
+        database.execute("DELETE FROM notes WHERE id < 10")
+        database.commit()
+    (system.media_dir / "photos" / "a.jpg").unlink()
+    (system.media_dir / "c.txt").write_text("after")
+    assert sqlite_state(system) != before
+    assert sorted(stagetools._restore_backup(system, stem)) == files
+    assert sqlite_state(system) == before
+    # uploads come back readable by their owner and nginx's group at most
+    assert {stat.S_IMODE(path.stat().st_mode) & 0o027 for path in
+            system.media_dir.rglob("*")} == {0}
+    mine = stagetools.System(**dict(system._complete(), user=pwd.getpwuid(os.geteuid()).pw_name))
+    assert [fact for fact in stagetools._check_backups(mine) if fact[1] != fact[2]] == []
+    (system.backups_dir / f"{stem}.sqlite").chmod(0o640)
+    assert stagetools._check_backups(mine)[2][2] == f"not so: {stem}.sqlite"
+
+
+def test_backup__a_media_archive_with_links_or_escapes_is_refused(tmp_path):
+    import tarfile
+    system = backed_up_system(tmp_path)
+    stem = stagetools._back_up(system)
+    archive = system.backups_dir / f"{stem}.media.tar"
+    archive.unlink()
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../../escape")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(stagetools.StagetoolsError, match="it holds '../../escape', which is "
+                                                         "not a file or directory below media/"):
+        stagetools._restore_backup(system, stem)
+    assert (system.media_dir / "b.txt").read_text() == "b"  # refused before anything went
+
+
+def test_backup__retention_by_count_and_by_age_keeps_the_newest(tmp_path):
+    system = backed_up_system(tmp_path)
+    system.backups_dir.mkdir(mode=0o700)
+    old = ["20200101T000000Z-scheduled", "20200102T000000Z-0123456789ab",
+           "20200103T000000Z-scheduled", "20200104T000000Z-manual"]
+    for stem in old:
+        (system.backups_dir / f"{stem}.sqlite").write_text("")
+    (system.backups_dir / "notes.txt").write_text("not a backup: left alone")
+    newest = stagetools._back_up(system)  # keep 3: the newest and the two before
+    assert sorted(stagetools._backup_sets(str(system.backups_dir))) == old[2:] + [newest]
+    assert (system.backups_dir / "notes.txt").exists()
+    by_age = backed_up_system(tmp_path / "age", "[stagetools]\nbackup = keep 30d @ daily\n")
+    by_age.backups_dir.mkdir(mode=0o700)
+    for stem in old:
+        (by_age.backups_dir / f"{stem}.sqlite").write_text("")
+    # older than 30 days, but the newest stays
+    assert stagetools._prune_backups(by_age) == old[:3][::-1]
+    assert list(stagetools._backup_sets(str(by_age.backups_dir))) == [old[3]]
+
+
+def test_backup__restore_of_an_unknown_backup_names_those_there(tmp_path):
+    system = backed_up_system(tmp_path)
+    stem = stagetools._back_up(system)
+    with pytest.raises(stagetools.StagetoolsError, match=f"backup 'nosuch': there is no such "
+                                                         f"backup in .*; choose one of {stem}"):
+        stagetools._restore_backup(system, "nosuch")
+
+
+@needs_root
+def test_backup__postgresql_round_trip_by_the_installations_user(postgres, shared_dir):
+    """pg_dump --format=custom as the user, the database made again empty (as the restore of
+    the deploy tool does), pg_restore as the user: the rows are those of the backup."""
+    name = "pgjobs_prod"
+    with contextlib.ExitStack() as stack:
+        base_dir = stack.enter_context(os_user(name))
+        repo = base_dir / "src" / "pgjobs"
+        repo.mkdir(parents=True)
+        (repo / "stagetools.ini").write_text("[stagetools]\ndatabase = postgresql\n")
+        (base_dir / "media").mkdir()
+        run(["chown", "-R", f"{name}:{name}", base_dir])
+        postgres.create_database(name)
+        postgres.sql("CREATE TABLE notes (id serial PRIMARY KEY, text text)", name, name)
+        postgres.sql("INSERT INTO notes (text) SELECT 'note ' || i FROM generate_series(1, 500) "
+                     "i", name, name)
+        state = "SELECT count(*) || ' ' || md5(string_agg(text, ',' ORDER BY id)) FROM notes"
+        before = postgres.sql(state, name, name)
+        env = installation_env(shared_dir, HOME=str(base_dir), **postgres.env())
+        as_user = ["runuser", "-u", name, "--", SYSTEM_PYTHON, "-I", shared_dir / "stagetools.py"]
+        printed = run(as_user + ["backup", name, "--label", "manual"], env=env, cwd="/").stdout
+        stem = printed.split(" as ")[1].split()[0]
+        assert sorted(os.listdir(base_dir / "backups")) == [f"{stem}.media.tar",
+                                                            f"{stem}.pgdump"]
+        postgres.sql("INSERT INTO notes (text) VALUES ('after the backup')", name, name)
+        postgres.sql(f"DROP DATABASE {name} WITH (FORCE)")
+        postgres.sql(f"CREATE DATABASE {name} OWNER {name}")
+        run(as_user + ["restore", name, stem], env=env, cwd="/")
+        assert postgres.sql(state, name, name) == before
+        refused = run(["runuser", "-u", "nobody", "--"] + as_user[4:] + ["backup", name],
+                      env=env, cwd="/", check=False)
+        assert refused.returncode == 2 and "it runs as the installation's user pgjobs_prod" \
+            in refused.stderr, refused.stderr
+
+
+def test_check__a_failed_or_late_job_is_named(monkeypatch):
+    monkeypatch.setattr(stagetools, "_calendar_period", lambda calendar: 3600)
+    job = {"calendar": "hourly", "service": "shop_prod-job-report.service"}
+    now = 1_800_000_000
+    ok = {"Result": "success", "ActiveState": "inactive",
+          "ExecMainStartTimestamp": "Fri 2027-01-15 08:00:00 UTC", "ExecMainStatus": "0"}
+    timer = {"LastTriggerUSec": stagetools._shown_time(now - 600).replace(
+        "2027", "2027"), "ActiveState": "active"}
+    timer["LastTriggerUSec"] = time.strftime("%a %Y-%m-%d %H:%M:%S UTC", time.gmtime(now - 600))
+    assert stagetools._job_fact("job report", job, ok, timer, now)[1:] == (
+        "last run succeeded, one within 1 h", "last run succeeded, one within 1 h")
+    failed = dict(ok, Result="exit-code", ActiveState="failed", ExecMainStatus="1")
+    what, wanted, actual = stagetools._job_fact("job report", job, failed, timer, now)
+    assert actual.startswith("last run failed (exit-code, exit status 1) at 2027-01-15 "
+                             "08:00:00 UTC; see journalctl -u shop_prod-job-report.service")
+    late = dict(timer, LastTriggerUSec=time.strftime("%a %Y-%m-%d %H:%M:%S UTC",
+                                                     time.gmtime(now - 3 * 3600)))
+    assert stagetools._job_fact("job report", job, ok, late, now)[2].startswith("no run since ")
+
+
+def test_check__units_no_longer_declared_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(stagetools, "_SYSTEM_UNIT_DIR", str(tmp_path))
+    system = declared_jobs("shop_qual", JOBS)
+    for name in ("shop_qual-job-old.timer", "shop_qual-job-report.timer", "shop_qualx.service",
+                 "shop_qual-worker-gone.service"):
+        (tmp_path / name).write_text("")
+    assert stagetools._check_undeclared_units(system) == [
+        (f"file {tmp_path}/shop_qual-job-old.timer", "not there: not declared", "there"),
+        (f"file {tmp_path}/shop_qual-worker-gone.service", "not there: not declared", "there")]
+
+
+def test_run__outside_systemd_or_unknown_job__one_line_exit_2():
+    result = cli("run", "jobless_qual", "nosuch")  # no such installation here: its defaults
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "jobless_qual job nosuch: it is not declared; run one of: backup" in result.stderr
+
+
+def rest_of_stagetools():
+    """The text of _REST, the part of stagetools.py compiled on first use."""
+    import ast
+    rest, = [node.value.value for node in ast.parse(STAGETOOLS.read_text()).body
+             if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_REST"]
+    return rest
+
+
+def test_every_function_of_stagetools_is_at_most_40_lines():
+    import ast
+    trees = [ast.parse(STAGETOOLS.read_text()), ast.parse(rest_of_stagetools())]
+    long = [(node.name, node.end_lineno - node.lineno + 1) for tree in trees
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 40]
+    assert long == []
+
+
+def test_start_up_compiles_none_of_the_rest_which_comes_on_first_use_with_its_lines():
+    """Importing stagetools and resolving a system leave the rest (renderers, checks, the
+    command line) uncompiled; its first use compiles it, with the file's line numbers."""
+    code = ("import stagetools, sys; s = stagetools.get_actual_system_from_name('shop_dev'); "
+            "s.user, s.base_dir, s.stage; "
+            "print('_REST' in vars(stagetools), '_render_units' in vars(stagetools)); "
+            "s.services; print('_REST' in vars(stagetools), "
+            "stagetools._render_units.__code__.co_firstlineno, stagetools.main.__module__)")
+    printed = run([sys.executable, "-c", code], cwd=HERE, env=clean_env()).stdout.split()
+    line = STAGETOOLS.read_text().splitlines().index("def _render_units(system, user_unit):")
+    assert printed == ["True", "False", "False", str(line + 1), "stagetools"]
+    assert all(hasattr(stagetools, name) for name in stagetools.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nosuch'"):
+        stagetools.nosuch
+    assert not hasattr(stagetools, "__path__")  # importlib's probe: no load, no answer
+
+
+@pytest.mark.skipif(not (IN_CI or shutil.which("vermin", path=os.path.dirname(sys.executable))),
+                    reason="needs vermin (the test extra)")
+def test_the_rest_of_stagetools_keeps_the_python_floor(tmp_path):
+    """vermin (as .ci/run runs it on the file) reads the rest too: it is text to it."""
+    rest = tmp_path / "rest.py"
+    rest.write_text(rest_of_stagetools())
+    vermin = os.path.join(os.path.dirname(sys.executable), "vermin")
+    result = run([vermin, "--target=3.9-", "--violations", "--no-tips", "--eval-annotations",
+                  rest], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

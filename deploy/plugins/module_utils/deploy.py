@@ -226,3 +226,97 @@ def private_file(base_fd, name, uid, check_mode):
         finally:
             os.close(descriptor)
     return f"{name}: {stat.S_IMODE(info.st_mode) & 0o700:o} (was {stat.S_IMODE(info.st_mode):o})"
+
+
+# -- root's copy of stagetools, backups and restores (installations, restore and host)
+
+# The collection's stagetools.py on the host: the backup units run it as each installation's
+# user, operators as root (check, run); the host module writes it.
+ROOT_COPY = "/usr/local/lib/stagetools/stagetools.py"
+# Run by root in a unit of its own that the service is ordered after: while it runs, the
+# service is stopped and requests wait in the socket. $1 the name, $2 the backup, $3 root's
+# copy of stagetools, $4 "postgresql" or "sqlite", then the workers, the jobs' timers and
+# the jobs: stopped too (those there are), and a job stopped here has not failed.
+RESTORE_SCRIPT = """\
+set -e
+systemctl stop "$1.service"
+name=$1 backup=$2 copy=$3 database=$4
+shift 4
+systemctl stop "$@" || true
+systemctl reset-failed "$@" 2>/dev/null || true
+set -- "$name" "$backup" "$copy" "$database"
+if [ "$4" = postgresql ]; then
+    runuser -u postgres -- dropdb --force "$1"
+    runuser -u postgres -- createdb --owner "$1" "$1"
+    runuser -u postgres -- psql -XqAt -c "REVOKE CONNECT, TEMPORARY ON DATABASE $1 FROM PUBLIC"
+fi
+cd /
+umask 077
+runuser -u "$1" -- /usr/bin/python3 -I "$3" restore "$1" "$2"
+"""
+
+
+def stagetools_source(stagetools):
+    """The text of the collection's stagetools.py, wherever Ansible put it (a file, a zip)."""
+    loader = getattr(stagetools, "__loader__", None)
+    source = loader.get_source(stagetools.__name__) if loader is not None else None
+    if source is None:
+        with open(stagetools.__file__, encoding="utf-8") as file:
+            source = file.read()
+    return source
+
+
+def install_root_copy(stagetools, check_mode):
+    """ROOT_COPY as the collection's stagetools.py (root's, 0644); what changed, or ''."""
+    text = stagetools_source(stagetools)
+    if read_file(ROOT_COPY) == text:
+        return ""
+    if not check_mode:
+        os.makedirs(os.path.dirname(ROOT_COPY), mode=0o755, exist_ok=True)
+        write_file(ROOT_COPY, text)
+    return f"file {ROOT_COPY} (stagetools {stagetools.__version__})"
+
+
+def back_up(system, label, media=False):
+    """A backup of the installation into its backups dir, made by its user with root's copy
+    of stagetools (as its backup unit makes one): its name, or None if there was nothing to
+    back up (a SQLite database not made yet)."""
+    if read_file(ROOT_COPY) is None:
+        raise StepFailed(f"{ROOT_COPY} is missing: run stagetools.deploy.host first")
+    command = ["/usr/bin/python3", "-I", ROOT_COPY, "backup", system.name, "--label", label]
+    printed = as_user(system, command + ([] if media else ["--database-only"]), "backup",
+                      umask="0077").stdout
+    words = printed.split()
+    return words[words.index("as") + 1] if "as" in words else None
+
+
+def backups(stagetools, system):
+    """The names of the installation's backups, newest first."""
+    directory = str(system.backups_dir)
+    if stagetools._file_kind(directory) != stagetools._DIRECTORY:
+        return []
+    return list(stagetools._backup_sets(directory))
+
+
+def restore(stagetools, system, backup):
+    """Restore ``backup`` (a name of backups()) into the installation in a unit that stops its
+    service, workers and jobs, and that the service is ordered after: requests that come
+    meanwhile wait in the socket until the service starts again; then the workers and the
+    jobs' timers start. Returns the seconds it took."""
+    if backup not in backups(stagetools, system):
+        raise StepFailed(f"{system.name} has no backup {backup!r}; it has "
+                         f"{', '.join(backups(stagetools, system)[:5]) or 'none'}")
+    jobs = [job for job in list(system.jobs.values()) + [system.backup] if job]
+    scheduled = [worker["service"] for worker in system.background_workers.values()] + [
+        job["timer"] for job in jobs]
+    started = time.monotonic()
+    run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
+         f"--unit={system.name}-restore", "--property=Type=oneshot",
+         f"--property=Before={system.name}.service", "--", "/bin/sh", "-c", RESTORE_SCRIPT, "sh",
+         system.name, backup, ROOT_COPY, system.database, *scheduled,
+         *[job["service"] for job in jobs]], "restore", cwd="/")
+    run(["systemctl", "start", f"{system.name}.service"], "start the service again")
+    if scheduled:  # those there are: a first deploy's failed migration has none yet
+        run(["systemctl", "start", *scheduled], "start the workers and timers again",
+            check=False)
+    return time.monotonic() - started

@@ -61,6 +61,12 @@ lines:
   returned: always
   type: list
   elements: str
+schedule:
+  description: One line per job, backup and worker of the installations checked, as systemd
+    runs them (calendar, last run and result, next run; a worker's state).
+  returned: always
+  type: list
+  elements: str
 installations:
   description: The report of C(stagetools check NAME --json) for each installation.
   returned: always
@@ -120,7 +126,7 @@ def main():
             name: None if stagetools._read_record(name) else f"/home/{name}"
             for name in params["names"]}
     except stagetools.StagetoolsError as error:
-        module.fail_json(msg=str(error), ok=False, lines=[], installations=[])
+        module.fail_json(msg=str(error), ok=False, lines=[], installations=[], schedule=[])
     reports = stagetools._check_reports(installations)
     if params["through_nginx"]:
         for report in reports:
@@ -136,7 +142,10 @@ def main():
                                                       "nginx", "expected": 200, "actual": status})
     lines = stagetools._summary_lines(reports)
     ok = all(report["ok"] for report in reports)
-    result = dict(changed=False, ok=ok, lines=lines, installations=reports)
+    schedule = [line for report in reports if report["checks"] for line in
+                stagetools._schedule_lines(stagetools._expected_on_this_host(
+                    report["name"], installations[report["name"]]))]
+    result = dict(changed=False, ok=ok, lines=lines, installations=reports, schedule=schedule)
     if not ok:
         module.fail_json(msg="these installations differ or could not be checked: "
                          + "; ".join(line for line, report in zip(lines, reports)

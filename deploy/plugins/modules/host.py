@@ -13,6 +13,10 @@ description:
     answers names no site serves with no page and no certificate and serves ACME challenges;
     disables Debian's C(default) site, which also claims C(default_server); makes the ACME
     challenge directory and the directory of root's records.
+  - Writes root's copy of the collection's stagetools.py to
+    C(/usr/local/lib/stagetools/stagetools.py). The installations' backup units run it as
+    each installation's user; operators run it as root, for C(check --all) and
+    C(run NAME JOB).
   - Reloading nginx is the caller's (the role's handler).
 version_added: "0.2.0"
 author: stagetools contributors (!UNKNOWN)
@@ -46,7 +50,7 @@ import shutil
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.stagetools.deploy.plugins.module_utils import stagetools
 from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
-    StepFailed, read_file, remove_file, run, write_file)
+    StepFailed, install_root_copy, read_file, remove_file, run, write_file)
 
 # What every installation needs of the host: a command, and the Debian package that has it.
 COMMANDS = {"git": "git", "systemd-run": "systemd", "journalctl": "systemd",
@@ -91,6 +95,9 @@ def main():
             changes.append("Debian's default site disabled (it claims default_server too)")
             if not module.check_mode:
                 remove_file("/etc/nginx/sites-enabled/default")
+        copied = install_root_copy(stagetools, module.check_mode)
+        if copied:
+            changes.append(copied)
         for directory in (stagetools._ACME_CHALLENGE_DIR, stagetools._RECORD_DIR):
             if not os.path.isdir(directory):
                 changes.append(f"directory {directory}")

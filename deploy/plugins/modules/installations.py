@@ -167,9 +167,9 @@ from concurrent.futures import ThreadPoolExecutor
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.stagetools.deploy.plugins.module_utils import stagetools
 from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
-    RELEASE_PARTS, WEB_GROUP, StepFailed, as_user, failed, journal, read_file, release_binds,
-    private_file, remove_file, run, unit_state, user_dir, valid_pip_env, wait_for_page,
-    write_file)
+    RELEASE_PARTS, WEB_GROUP, StepFailed, as_user, back_up, failed, journal, read_file,
+    release_binds, private_file, remove_file, restore, run, unit_state, user_dir, valid_pip_env,
+    wait_for_page, write_file)
 
 CANDIDATE_SECONDS = 120  # a new release's first answer, imports and all
 HEALTH_SECONDS = 60
@@ -181,6 +181,8 @@ CERTIFICATE_RENEW_DAYS = 30  # certbot's own: a certificate due within 30 days i
 # rendering no longer has them.
 FORMER_FILES = ("/etc/tmpfiles.d/{name}.conf",)
 UNIT_SUFFIXES = (".socket", ".service", "-app.socket", "-proxy.service")
+# The units of jobs, workers and the backup start so: whatever is there is the installation's.
+SCHEDULED_PREFIXES = ("-job-", "-worker-", "-backup.")
 # Run as the installation's user (the repo's own stagetools): its secret key, made private.
 SECRET_KEY_CODE = ("import sys, stagetools; stagetools.read_secret_key("
                    "stagetools.get_expected_system_from_name(sys.argv[1], core_repo=sys.argv[2]))")
@@ -198,24 +200,6 @@ for part in sys.argv[4:]:
         os.rename(live, os.path.join(releases, out, part))
     os.rename(os.path.join(releases, into, part), live)
 os.rmdir(os.path.join(releases, into))
-"""
-# Run as the installation's user: a copy of the SQLite database by SQLite's online backup.
-SQLITE_COPY_CODE = ("import sqlite3, sys; target = sqlite3.connect(sys.argv[2]); "
-                    "sqlite3.connect(sys.argv[1]).backup(target); target.close()")
-# Run by root in a unit of its own that the service is ordered after: while it runs, the
-# service is stopped and requests wait in its socket.
-RESTORE_POSTGRESQL = """\
-set -e
-systemctl stop "$1.service"
-runuser -u postgres -- dropdb --force "$1"
-runuser -u postgres -- createdb --owner "$1" "$1"
-runuser -u postgres -- psql -XqAt -c "REVOKE CONNECT, TEMPORARY ON DATABASE $1 FROM PUBLIC"
-runuser -u "$1" -- pg_restore --no-owner --exit-on-error --dbname "$1" "$2"
-"""
-RESTORE_SQLITE = """\
-set -e
-systemctl stop "$1.service"
-runuser -u "$1" -- /usr/bin/python3 -I -c "$4" "$2" "$3"
 """
 
 
@@ -262,6 +246,8 @@ class Installation:
             restarted = self.units(restart=new_code)
         if restarted:
             self.health()
+        if new_code and not self.check_mode:
+            self.restart_workers()
         with self.shared:
             self.remember(declaration)
             self.site()
@@ -577,41 +563,19 @@ class Installation:
         self.change("migrate" if system.framework == "django" else f"python -m {system.core_app}")
 
     def back_up(self):
-        """A backup of the database into <base_dir>/backups (0700, files 0600), made by the
-        user; None for a SQLite database not made yet."""
-        system = self.system
-        if system.database == "sqlite" and not os.path.isfile(system.database_sqlite_path):
-            return None
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.backup_time = now.strftime("%H:%M:%S UTC")
-        backups = os.path.join(system.base_dir, "backups")
-        path = os.path.join(backups, f"{now:%Y%m%dT%H%M%SZ}-{self.previous_commit[:12]}."
-                            f"{'pgdump' if system.database == 'postgresql' else 'sqlite'}")
-        as_user(system, ["mkdir", "-p", backups], "backup dir", umask="0077")
-        if system.database == "postgresql":
-            as_user(system, ["pg_dump", "--format=custom", "--file", path, system.database_name],
-                    "pg_dump", umask="0077")
-        else:
-            as_user(system, ["/usr/bin/python3", "-I", "-c", SQLITE_COPY_CODE,
-                             str(system.database_sqlite_path), path], "SQLite backup",
-                    umask="0077")
-        self.change(f"backup {path}")
-        return path
+        """A backup of the database into the backups dir, made by the user as its backup
+        unit makes one (see module_utils/deploy.py); None for a SQLite database not made
+        yet."""
+        self.backup_time = datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%H:%M:%S UTC")
+        backup = back_up(self.system, self.previous_commit[:12])
+        if backup:
+            self.change(f"backup {backup} in {self.system.backups_dir}")
+        return backup
 
     def restore(self, backup):
-        """Restore the database from ``backup`` in a unit that stops the service and that the
-        service is ordered after: requests that come meanwhile wait in the socket until the
-        service starts again. Returns the seconds it took."""
-        system = self.system
-        started = datetime.datetime.now()
-        script, args = (RESTORE_POSTGRESQL, [backup]) if system.database == "postgresql" else \
-            (RESTORE_SQLITE, [backup, str(system.database_sqlite_path), SQLITE_COPY_CODE])
-        run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
-             f"--unit={self.name}-restore", "--property=Type=oneshot",
-             f"--property=Before={self.name}.service", "--", "/bin/sh", "-c", script, "sh",
-             self.name, *args], "restore", cwd="/")
-        run(["systemctl", "start", f"{self.name}.service"], "start the service again")
-        return (datetime.datetime.now() - started).total_seconds()
+        """Restore the backup while requests wait (see module_utils/deploy.py): seconds."""
+        return restore(stagetools, self.system, backup)
 
     def candidate(self):
         """The new release, started as the service would be (its unit's sandbox, one worker)
@@ -692,12 +656,15 @@ class Installation:
         if not listening:
             self.change(f"{name}.socket enabled and listening (was {state['UnitFileState']}, "
                         f"{state['ActiveState']})")
-        if self.check_mode or not (restart or changed or stale or not listening):
+        lagging = self.lagging(rendered)
+        if self.check_mode or not (restart or changed or stale or not listening or lagging):
             return False
         for path in stale:
             if path.startswith(UNIT_DIR):
                 run(["systemctl", "disable", "--now", os.path.basename(path)], "disable",
                     check=False)
+                run(["systemctl", "reset-failed", os.path.basename(path)], "reset-failed",
+                    check=False)  # a job that failed: no trace in systemctl --failed
             remove_file(path)
         for path in changed:
             write_file(path, rendered[path])
@@ -713,11 +680,54 @@ class Installation:
                  f"{name}.service"], "restart the service")
         if f"{UNIT_DIR}/{name}-proxy.service" in changed:
             run(["systemctl", "try-restart", f"{name}-proxy.service"], "restart the idle proxy")
+        self.schedule(rendered, changed, lagging)
         return True
 
     def unit_paths(self, rendered):
-        return sorted(set(rendered) | {f"{UNIT_DIR}/{self.name}{suffix}"
-                                       for suffix in UNIT_SUFFIXES})
+        """The units rendered, those of a fixed name, and every job's, worker's and backup's
+        unit of the installation there is: what is not rendered is stale."""
+        prefixes = tuple(f"{self.name}{prefix}" for prefix in SCHEDULED_PREFIXES)
+        scheduled = {os.path.join(UNIT_DIR, entry) for entry in os.listdir(UNIT_DIR)
+                     if entry.startswith(prefixes)} if os.path.isdir(UNIT_DIR) else set()
+        return sorted(set(rendered) | scheduled | {f"{UNIT_DIR}/{self.name}{suffix}"
+                                                   for suffix in UNIT_SUFFIXES})
+
+    def scheduled_units(self, rendered):
+        """The timers (of jobs and the backup) and the workers' services of the rendering:
+        the units that are enabled and run."""
+        return [os.path.basename(path) for path in sorted(rendered)
+                if path.endswith(".timer") or f"{self.name}-worker-" in path]
+
+    def lagging(self, rendered):
+        """The timers and workers that are not enabled and active, each a change."""
+        lagging = []
+        for unit in self.scheduled_units(rendered):
+            state = unit_state(unit)
+            if (state["UnitFileState"], state["ActiveState"]) != ("enabled", "active"):
+                was = f"{state['UnitFileState'] or 'not installed'}, {state['ActiveState']}"
+                self.change(f"{unit} enabled and started (was {was})")
+                lagging.append(unit)
+        return lagging
+
+    def schedule(self, rendered, changed, lagging):
+        """Timers and workers enabled and started, those whose files changed restarted: a
+        timer takes its new calendar, a worker its new unit (its new code waits for the
+        health gate: restart_workers)."""
+        if lagging:
+            run(["systemctl", "enable", "--now", "--quiet", "--no-reload", *lagging],
+                "enable and start the timers and workers")
+        again = [unit for unit in self.scheduled_units(rendered)
+                 if f"{UNIT_DIR}/{unit}" in changed and unit not in lagging]
+        if again:
+            run(["systemctl", "restart", *again], "restart the changed timers and workers")
+
+    def restart_workers(self):
+        """New code, after the health gate: each worker stopped cleanly, started on it."""
+        workers = [worker["service"] for worker in self.system.background_workers.values()]
+        if workers:
+            self.step = "workers"
+            run(["systemctl", "restart", *workers], "restart the workers")
+            self.change(f"restart {' '.join(workers)}")
 
     def health(self):
         """The health gate: the service answers 200 through its socket. If it does not and a
