@@ -1038,24 +1038,29 @@ def starlette_config(system, database=None):
 # use: a module attribute that is not above, System.services, a field of jobs, or the
 # command line. So a process that imports stagetools and resolves its system does not
 # unmarshal code it never calls (bench/: start-up), and stagetools stays one file to copy.
-# Tracebacks and coverage name the file's own lines.
+# Tracebacks and coverage name the file's own lines. A program that uses the rest from
+# several threads loads it before they start (as the collection does): a thread that meets
+# a name of the rest while another is still loading it could call it before its neighbours
+# are there.
 
 _REST_LOCK = _thread.allocate_lock()
 
 
 def _load_rest():
-    """The module's namespace, with _REST compiled and run into it (once)."""
+    """The module's namespace, with _REST compiled and run into it (once). _REST goes only
+    when the whole rest is there: a thread that asks meanwhile waits for the lock."""
     namespace = globals()
     with _REST_LOCK:
         if "_REST" in namespace:
-            code = compile("\n" * (_REST_LINE - 1) + namespace.pop("_REST"), __file__, "exec")
+            code = compile("\n" * (_REST_LINE - 1) + namespace["_REST"], __file__, "exec")
             exec(code, namespace)  # this file's own text
+            del namespace["_REST"]
     return namespace
 
 
 def __getattr__(name):
     """PEP 562: a name of the rest of the module, loaded on first use."""
-    if name.startswith("__") or "_REST" not in globals():  # importlib's probes: not ours
+    if name.startswith("__"):  # importlib's probes: not ours
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     namespace = _load_rest()
     if name not in namespace:
@@ -1809,8 +1814,11 @@ def render_starter(system, requirements=None):
 
 _DIRECTORY, _REGULAR_FILE, _MISSING = "a directory", "a regular file", "missing"
 # What the installation's own process must resolve as the deploy side did: every field but
-# where its name came from (the rendered files are compared on disk).
-_PROBED_FIELDS = [field for field in System.FIELDS if field != "name_source"]
+# where its name came from (the rendered files are compared on disk) and what only the deploy
+# side uses (its units run jobs, workers and backups; an older copy of stagetools in the repo
+# does not know them).
+_PROBED_FIELDS = [field for field in System.FIELDS if field not in (
+    "name_source", "backups_dir", "jobs", "background_workers", "backup")]
 _NO_ACCESS_FOR_GROUP_AND_OTHERS, _NO_ACCESS_FOR_OTHERS = \
     "no access for group and others", "no access for others"
 

@@ -3686,6 +3686,30 @@ def test_start_up_compiles_none_of_the_rest_which_comes_on_first_use_with_its_li
     assert not hasattr(stagetools, "__path__")  # importlib's probe: no load, no answer
 
 
+def test_the_rest_loaded_from_many_threads_at_once_is_there_for_each():
+    """Threads that ask for names of the rest at once (the collection converges several
+    installations in threads) each get them: none is told the name is not there while
+    another thread is loading it."""
+    code = """if True:
+        import sys, threading, stagetools
+        names = ["_read_record", "main", "_render_units", "check_installation"] * 4
+        barrier, errors = threading.Barrier(len(names)), []
+        def ask(name):
+            barrier.wait()
+            try:
+                getattr(stagetools, name)
+            except AttributeError as error:
+                errors.append(str(error))
+        threads = [threading.Thread(target=ask, args=(name,)) for name in names]
+        [thread.start() for thread in threads]
+        [thread.join() for thread in threads]
+        print(len(errors), errors[:1])
+    """
+    printed = [run([sys.executable, "-c", code], cwd=HERE, env=clean_env()).stdout.strip()
+               for _ in range(5)]
+    assert printed == ["0 []"] * 5
+
+
 @pytest.mark.skipif(not (IN_CI or shutil.which("vermin", path=os.path.dirname(sys.executable))),
                     reason="needs vermin (the test extra)")
 def test_the_rest_of_stagetools_keeps_the_python_floor(tmp_path):

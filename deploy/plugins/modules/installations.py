@@ -963,6 +963,7 @@ def main():
     if set(missing) - set(module.params["declarations"]):  # check mode: send declarations
         module.exit_json(changed=False, needs_commits=missing, installations={})
     shared = threading.Lock()  # accounts, units, certificates, nginx: one at a time
+    stagetools._load_rest()  # the part compiled on first use, whole before the threads ask
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         done = list(pool.map(lambda entry: converge(module, entry, shared),
                              module.params["installations"]))
