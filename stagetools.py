@@ -1933,6 +1933,8 @@ def _unit_states(units, properties):
     """What ``systemctl show`` says of each unit: a dict of ``properties`` (comma-separated)
     per unit, timestamps in UTC; OSError or ValueError if it cannot say."""
     import subprocess
+    if not units:  # systemctl show without a unit shows the manager
+        return []
     try:
         shown = subprocess.run(["systemctl", "show", f"--property=Id,{properties}", "--",
                                 *units], capture_output=True, text=True, timeout=30, check=True,
@@ -2755,10 +2757,13 @@ def _cmd_run(args):
     subprocess.run(["systemctl", "start", unit], stdin=subprocess.DEVNULL, check=False,
                    timeout=_BACKUP_TIMEOUT, capture_output=True)
     try:
-        state, = _unit_states([unit], "Result,ExecMainStatus,InvocationID")
+        state, = _unit_states([unit], "LoadState,Result,ExecMainStatus,InvocationID")
     except ValueError as error:
-        raise StagetoolsError(f"run {args.name} {args.job}", f"systemd does not know {unit}: "
-                              f"{error}", "deploy the installation first") from None
+        raise StagetoolsError(f"run {args.name} {args.job}", f"systemd does not say how {unit} "
+                              f"went: {error}", "see journalctl -u " + unit) from None
+    if state.get("LoadState") != "loaded":  # systemd shows a unit it does not know as a success
+        raise StagetoolsError(f"run {args.name} {args.job}", f"systemd does not know {unit}",
+                              "deploy the installation first")
     seconds = time.monotonic() - started
     if state.get("Result") == "success":
         _say(f"{system.name} {what}: succeeded in {seconds:.1f} s ({unit})")

@@ -3646,6 +3646,11 @@ def test_check__units_no_longer_declared_are_named(tmp_path, monkeypatch):
         (f"file {tmp_path}/shop_qual-worker-gone.service", "not there: not declared", "there")]
 
 
+def test_unit_states_of_no_unit_are_none():
+    """systemctl show without a unit shows the manager: no unit, no question."""
+    assert stagetools._unit_states([], "Result") == []
+
+
 def test_run__outside_systemd_or_unknown_job__one_line_exit_2():
     result = cli("run", "jobless_qual", "nosuch")  # no such installation here: its defaults
     assert result.returncode == 2 and result.stderr.count("\n") == 1

@@ -256,6 +256,11 @@ def test_run_now_runs_a_job_as_its_timer_would(deployed):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "jobs_qual job nosuch: it is not declared; run one of: job clearsessions, job " \
         "stamp, backup" in refused.stderr
+    # An installation not deployed here: systemd shows its unknown unit as a success.
+    unknown = on_host(deployed, f"/usr/bin/python3 -I {ROOT_COPY} run nosuch_prod backup",
+                      check=False)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "systemd does not know nosuch_prod-backup.service" in unknown.stderr
 
 
 def test_a_worker_killed_comes_back(deployed):

@@ -22,6 +22,11 @@ RELEASE_PARTS = ("bin", "lib", "src", "static")
 WEB_GROUP = "www-data"
 # What an installation's user may pass to pip: environment variable names, one-line values.
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# systemd 252 (Debian 12) writes a transient unit's command with ';' and '$' escaped inside
+# words, and a daemon-reload (another installation's units, meanwhile) reads them back with
+# the backslash kept: "import sys; ..." became "import sys\; ...". Commands of transient
+# units have neither: code is written with newlines, a script is Python, not sh.
+TRANSIENT_UNSAFE = frozenset(";$")
 
 
 class StepFailed(Exception):
@@ -64,6 +69,10 @@ def as_user(system, argv, what, binds=(), umask="0022", env=None, timeout=COMMAN
     """Run ``argv`` as the installation's user in a sandbox of systemd's: the file system
     read-only but for its base dir, no other home, its own /tmp, no new privileges; ``binds``
     (source, target) mount a release over the live paths."""
+    unsafe = [word for word in argv if TRANSIENT_UNSAFE & set(str(word))]
+    if unsafe:
+        raise StepFailed(f"{what}: {unsafe[0]!r} has ';' or '$', which a transient unit of "
+                         "systemd 252 does not keep across a daemon-reload")
     properties = [f"User={system.user}", f"Group={system.group}", "WorkingDirectory=/",
                   f"UMask={umask}", "ProtectSystem=strict", "ProtectHome=tmpfs",
                   f"BindPaths={system.base_dir}", "PrivateTmp=yes", "NoNewPrivileges=yes",
@@ -234,25 +243,31 @@ def private_file(base_fd, name, uid, check_mode):
 # user, operators as root (check, run); the host module writes it.
 ROOT_COPY = "/usr/local/lib/stagetools/stagetools.py"
 # Run by root in a unit of its own that the service is ordered after: while it runs, the
-# service is stopped and requests wait in the socket. $1 the name, $2 the backup, $3 root's
-# copy of stagetools, $4 "postgresql" or "sqlite", then the workers, the jobs' timers and
-# the jobs: stopped too (those there are), and a job stopped here has not failed.
-RESTORE_SCRIPT = """\
-set -e
-systemctl stop "$1.service"
-name=$1 backup=$2 copy=$3 database=$4
-shift 4
-systemctl stop "$@" || true
-systemctl reset-failed "$@" 2>/dev/null || true
-set -- "$name" "$backup" "$copy" "$database"
-if [ "$4" = postgresql ]; then
-    runuser -u postgres -- dropdb --force "$1"
-    runuser -u postgres -- createdb --owner "$1" "$1"
-    runuser -u postgres -- psql -XqAt -c "REVOKE CONNECT, TEMPORARY ON DATABASE $1 FROM PUBLIC"
-fi
-cd /
-umask 077
-runuser -u "$1" -- /usr/bin/python3 -I "$3" restore "$1" "$2"
+# service is stopped and requests wait in the socket. Its arguments: the name, the backup,
+# root's copy of stagetools, "postgresql" or "sqlite", then the workers, the jobs' timers and
+# the jobs: stopped too (those there are), and a job stopped here has not failed. Python,
+# not sh: no ';' and no '$' (see TRANSIENT_UNSAFE).
+RESTORE_CODE = """\
+import os, subprocess, sys
+name, backup, copy, database = sys.argv[1:5]
+others = sys.argv[5:]
+
+
+def run(*argv, check=True):
+    subprocess.run(argv, check=check, stdin=subprocess.DEVNULL)
+
+
+run("systemctl", "stop", name + ".service")
+if others:
+    run("systemctl", "stop", *others, check=False)
+    run("systemctl", "reset-failed", *others, check=False)
+if database == "postgresql":
+    run("runuser", "-u", "postgres", "--", "dropdb", "--force", name)
+    run("runuser", "-u", "postgres", "--", "createdb", "--owner", name, name)
+    run("runuser", "-u", "postgres", "--", "psql", "-XqAt", "-c",
+        "REVOKE CONNECT, TEMPORARY ON DATABASE " + name + " FROM PUBLIC")
+os.umask(0o077)
+run("runuser", "-u", name, "--", "/usr/bin/python3", "-I", copy, "restore", name, backup)
 """
 
 
@@ -312,8 +327,8 @@ def restore(stagetools, system, backup):
     started = time.monotonic()
     run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
          f"--unit={system.name}-restore", "--property=Type=oneshot",
-         f"--property=Before={system.name}.service", "--", "/bin/sh", "-c", RESTORE_SCRIPT, "sh",
-         system.name, backup, ROOT_COPY, system.database, *scheduled,
+         f"--property=Before={system.name}.service", "--", "/usr/bin/python3", "-I", "-c",
+         RESTORE_CODE, system.name, backup, ROOT_COPY, system.database, *scheduled,
          *[job["service"] for job in jobs]], "restore", cwd="/")
     run(["systemctl", "start", f"{system.name}.service"], "start the service again")
     if scheduled:  # those there are: a first deploy's failed migration has none yet

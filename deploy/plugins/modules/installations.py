@@ -184,8 +184,20 @@ UNIT_SUFFIXES = (".socket", ".service", "-app.socket", "-proxy.service")
 # The units of jobs, workers and the backup start so: whatever is there is the installation's.
 SCHEDULED_PREFIXES = ("-job-", "-worker-", "-backup.")
 # Run as the installation's user (the repo's own stagetools): its secret key, made private.
-SECRET_KEY_CODE = ("import sys, stagetools; stagetools.read_secret_key("
+SECRET_KEY_CODE = ("import sys, stagetools\nstagetools.read_secret_key("
                    "stagetools.get_expected_system_from_name(sys.argv[1], core_repo=sys.argv[2]))")
+# Run as the installation's user: the live dirs a release replaces, and releases/next empty
+# but for them (a build that failed before is gone).
+RELEASE_DIRS_CODE = """\
+import os, shutil, sys
+base, parts = sys.argv[1], sys.argv[2:]
+for part in ["releases", *parts]:
+    os.makedirs(os.path.join(base, part), exist_ok=True)
+next_release = os.path.join(base, "releases", "next")
+shutil.rmtree(next_release, ignore_errors=True)
+for part in ["", *parts]:
+    os.mkdir(os.path.join(next_release, part))
+"""
 # Run as the installation's user: the next release into place, the running one to previous
 # (or, rolling back, the reverse). Renames only: no file of a release changes.
 SWITCH_CODE = """\
@@ -502,19 +514,19 @@ class Installation:
         system, binds = self.system, release_binds(self.system, "next")
         python = str(system.python_path)
         self.step = "release directories"
-        parts = " ".join(RELEASE_PARTS)
-        as_user(system, ["/bin/sh", "-c", f'cd "$1" && mkdir -p releases {parts} && '
-                         f'rm -rf releases/next && mkdir releases/next && cd releases/next && '
-                         f'mkdir {parts}', "sh", str(system.base_dir)], self.step)
+        as_user(system, ["/usr/bin/python3", "-I", "-c", RELEASE_DIRS_CODE,
+                         str(system.base_dir), *RELEASE_PARTS], self.step)
         self.step = "virtualenv"
         as_user(system, ["/usr/bin/python3", "-m", "venv", str(system.venv_dir)], self.step,
                 binds)
         self.step = "git checkout"
         upload_pack = "git -c safe.directory=* upload-pack"
-        as_user(system, ["/bin/sh", "-c", 'git clone --quiet --no-checkout --upload-pack "$1" '
-                         '"file://$2" "$3" && git -C "$3" -c advice.detachedHead=false '
-                         'checkout --quiet --detach "$4"', "sh", upload_pack, self.mirror,
-                         str(system.core_repo_dir), self.commit], self.step, binds)
+        as_user(system, ["git", "clone", "--quiet", "--no-checkout", "--upload-pack",
+                         upload_pack, f"file://{self.mirror}", str(system.core_repo_dir)],
+                self.step, binds)
+        as_user(system, ["git", "-C", str(system.core_repo_dir), "-c",
+                         "advice.detachedHead=false", "checkout", "--quiet", "--detach",
+                         self.commit], self.step, binds)
         self.step = "pip install"
         as_user(system, [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                          "--no-input", "--editable", str(system.core_repo_dir)], self.step,
