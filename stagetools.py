@@ -1163,7 +1163,7 @@ _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun", "monday", "tuesday
 _CALENDAR_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                  "0123456789*,./:~- ")
 _CALENDAR_RANGES = {"year": (1970, 2199), "month": (1, 12), "day": (1, 31), "hour": (0, 23),
-                    "minute": (0, 59), "second": (0, 59)}
+                    "minute": (0, 59), "second": (0, 59), "day from the month's end": (1, 28)}
 _CALENDAR_EXAMPLE = "daily, hourly, Mon..Fri 06:30, *-*-01 03:00 or *:0/15 (systemd's OnCalendar=)"
 _CALENDAR_MAX_LENGTH = 100
 # QUAL and PROD back up unless they declare otherwise: the 7 newest, every night.
@@ -1283,7 +1283,9 @@ def _calendar_problem(text):
     if len(words) == 1 and words[0].lower() in _CALENDAR_SHORTHANDS:
         return None
     words = words[:-1] if words[-1] == "UTC" else words
-    if words and words[0][0].isalpha():
+    if not words:
+        return "UTC alone is no time: it follows one, as in 03:00 UTC"
+    if words[0][0].isalpha():
         problem = _weekdays_problem(words.pop(0))
         if problem:
             return problem
@@ -1305,9 +1307,10 @@ def _calendar_problem(text):
 def _weekdays_problem(word):
     """Why a calendar's first word is not weekdays (Mon, Mon..Fri, Sat,Sun), or None."""
     for item in word.split(","):
-        days = item.split("..")
-        if len(days) > 2 or not all(day.lower() in _WEEKDAYS for day in days):
-            return f"{word!r} is not weekdays such as Mon, Mon..Fri or Sat,Sun"
+        days = item.lower().split("..")
+        if len(days) > 2 or not all(day in _WEEKDAYS for day in days) or (
+                _WEEKDAYS.index(days[0]) % 7 > _WEEKDAYS.index(days[-1]) % 7):
+            return f"{word!r} is not weekdays such as Mon, Mon..Fri or Sat,Sun (Mon first)"
     return None
 
 
@@ -1317,7 +1320,8 @@ def _date_parts(word):
     count = word.count("-") + word.count("~")
     if word.count("~") > 1 or count not in (1, 2) or "-" in word.partition("~")[2]:
         return None  # a ~ stands between the month and the day only
-    return ("year", "month", "day")[3 - (count + 1):]
+    day = "day from the month's end" if "~" in word else "day"
+    return ("year", "month", day)[3 - (count + 1):]
 
 
 def _calendar_part_problem(name, text):
@@ -1331,9 +1335,10 @@ def _calendar_part_problem(name, text):
         if name == "second" and len(values) == 1 and item.count(".") == 1 and not repeat:
             values = [item.split(".")[0]] if item.split(".")[1].isdigit() else [""]
         if not (len(values) <= 2 and all(value.isascii() and value.isdigit() and low <= int(
-                value) <= high for value in values) and (not repeat or repeat.isascii()
-                                                         and repeat.isdigit() and int(repeat))):
-            return f"the {name} {text!r} is not * or values from {low} to {high} (V, V..V, V/R)"
+                value) <= high for value in values) and int(values[0]) <= int(values[-1])
+                and (not repeat or repeat.isascii() and repeat.isdigit() and int(repeat))):
+            return (f"the {name} {text!r} is not * or values from {low} to {high} (V, V..V "
+                    "from low to high, V/R)")
     return None
 
 
@@ -1379,7 +1384,7 @@ def _back_up(system, label="scheduled", media=True):
             written.append(_back_up_media(system, path + _MEDIA_SUFFIX))
     finally:
         os.umask(umask)
-    _prune_backups(system)
+    _prune_backups(system, stem)
     return stem if any(written) else None
 
 
@@ -1401,7 +1406,7 @@ def _backups_directory(system):
 def _write_whole(path, write):
     """``write(temporary path)``, then the file renamed to ``path``: none or all of it."""
     directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.partial")
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.partial")  # one per process
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -1477,31 +1482,48 @@ def _backup_sets(directory):
 
 
 def _is_backup_stem(stem):
-    """Whether ``stem`` is STAMP-LABEL, as _back_up names a backup."""
-    return (len(stem) > 17 and stem[:8].isdigit() and stem[8] == "T" and stem[9:15].isdigit()
-            and stem[15:17] == "Z-" and stem.isascii()
-            and set(stem[17:]) <= _BACKUP_LABEL_CHARACTERS)
-
-
-def _prune_backups(system):
-    """Remove the backups the declared retention does not keep; the newest always stays.
-    Returns the names of those removed."""
-    import calendar
+    """Whether ``stem`` is STAMP-LABEL, as _back_up names a backup, of a time there is."""
     import time
+    if not (len(stem) > 17 and stem[:8].isdigit() and stem[8] == "T" and stem[9:15].isdigit()
+            and stem[15:17] == "Z-" and stem.isascii()
+            and set(stem[17:]) <= _BACKUP_LABEL_CHARACTERS):
+        return False
+    try:
+        return bool(time.strptime(stem[:16], _BACKUP_STAMP))
+    except ValueError:  # 20201399T...: no such day
+        return False
+
+
+def _prune_backups(system, made):
+    """Remove the backups the declared retention does not keep, counting those of the
+    backup timer (label scheduled) apart from the others (made before a migration): the one
+    just ``made`` stays, whatever the others' stamps say. Returns the names of those removed."""
     backup, directory = system.backup, str(system.backups_dir)
     if not backup:
         return []
-    sets = list(_backup_sets(directory).items())
-    if backup["keep_count"]:
-        old = sets[backup["keep_count"]:]
-    else:
-        oldest = time.time() - backup["keep_days"] * 86400
-        old = [(stem, names) for stem, names in sets[1:]
-               if calendar.timegm(time.strptime(stem[:16], _BACKUP_STAMP)) < oldest]
+    sets = [item for item in _backup_sets(directory).items() if item[0] != made]
+    scheduled = made.endswith("-scheduled")
+    old = _beyond_retention(backup, [item for item in sets
+                                     if item[0].endswith("-scheduled") == scheduled])
     for stem, names in old:
         for name in names:
-            os.unlink(os.path.join(directory, name))
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:  # another backup's retention, meanwhile
+                pass
     return [stem for stem, names in old]
+
+
+def _beyond_retention(backup, older):
+    """Of the backups ``older`` (newest first) than the one just made, those its retention
+    does not keep: beyond the COUNT newest (the one just made counts), or older than DAYS."""
+    import calendar
+    import time
+    if backup["keep_count"]:
+        return older[backup["keep_count"] - 1:]
+    oldest = time.time() - backup["keep_days"] * 86400
+    return [(stem, names) for stem, names in older
+            if calendar.timegm(time.strptime(stem[:16], _BACKUP_STAMP)) < oldest]
 
 
 def _restore_backup(system, stem):
@@ -1542,10 +1564,23 @@ def _restore_database(system, path):
     source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     target = sqlite3.connect(str(system.database_sqlite_path))
     try:
-        source.backup(target)
+        source.backup(target)  # one step: a backup it cannot read changes nothing
+    except sqlite3.DatabaseError as error:
+        raise StagetoolsError(f"backup '{path}'", f"SQLite cannot read it ({error})",
+                              "restore another backup") from None
     finally:
         target.close()
         source.close()
+
+
+def _media_archive(path):
+    """The tar ``path``, open; or a refusal if it is no tar."""
+    import tarfile
+    try:
+        return tarfile.open(path)
+    except tarfile.TarError as error:
+        raise StagetoolsError(f"backup '{path}'", f"it is no tar ({error})",
+                              "restore another backup") from None
 
 
 def _restore_media(system, path):
@@ -1556,7 +1591,7 @@ def _restore_media(system, path):
     media = str(system.media_dir)
     umask = os.umask(0o027)
     try:
-        with tarfile.open(path) as archive:
+        with _media_archive(path) as archive:
             members = _media_members(archive, path)
             _empty_directory(media)
             for member in members:
@@ -2067,7 +2102,9 @@ def _check_undeclared_units(expected):
     prefixes = tuple(f"{expected.name}-{kind}" for kind in ("job-", "worker-", "backup."))
     try:
         found = sorted(entry.path for entry in os.scandir(_SYSTEM_UNIT_DIR)
-                       if entry.name.startswith(prefixes))
+                       if entry.name.startswith(prefixes)  # not an operator's drop-in dir
+                       and entry.name.endswith((".service", ".timer"))
+                       and entry.is_file(follow_symlinks=False))
     except OSError:
         found = []
     return [_fact(f"file {path}", "not there: not declared", path in rendered, "there")
@@ -2754,8 +2791,12 @@ def _cmd_run(args):
         raise StagetoolsError(f"run {args.name} {args.job}", "it starts the job's unit as its "
                               "timer would", "run it as root on the host, where systemd runs")
     unit, started = jobs[what]["service"], time.monotonic()
-    subprocess.run(["systemctl", "start", unit], stdin=subprocess.DEVNULL, check=False,
-                   timeout=_BACKUP_TIMEOUT, capture_output=True)
+    try:
+        subprocess.run(["systemctl", "start", unit], stdin=subprocess.DEVNULL, check=False,
+                       timeout=_BACKUP_TIMEOUT, capture_output=True)
+    except subprocess.TimeoutExpired:
+        raise StagetoolsError(f"run {args.name} {args.job}", f"{unit} did not end within "
+                              f"{_BACKUP_TIMEOUT} s", f"see journalctl -u {unit}") from None
     try:
         state, = _unit_states([unit], "LoadState,Result,ExecMainStatus,InvocationID")
     except ValueError as error:

@@ -3428,7 +3428,9 @@ CALENDARS = ["daily", "Daily", "hourly", "minutely", "weekly", "quarterly", "sem
              "2200-01-01", "0 3 * * *", "*:0,30", "Sat,Sun *-*-* 10:00", "Mon..Wed,Fri 05:00",
              "*-*-1..7 Mon 03:00", "Mon *-*-1..7 03:00", "*-*-0 00:00", "*-13-01",
              "Mon..Fri..Sun", "*-*-* 00:00:00:00", "*-*-*-* 00:00", "-01-01", "*-*-* :00",
-             "1..5:00", "03:00 Mon", "*-*-* 0/0:00", "*~02", "02~03", "*-*~03"]
+             "1..5:00", "03:00 Mon", "*-*-* 0/0:00", "*~02", "02~03", "*-*~03",
+             "Fri..Mon", "Sun..Sat", "Mon..Sun", "10..5:00", "*-12..1-*", "*-*~31", "*-*~28",
+             "UTC"]
 # What systemd takes and stagetools does not: zones other than UTC, and times since 1970.
 SYSTEMD_ONLY = ["*-*-* 03:00 Europe/Berlin", "@1234"]
 
@@ -3553,23 +3555,52 @@ def test_backup__a_media_archive_with_links_or_escapes_is_refused(tmp_path):
 
 
 def test_backup__retention_by_count_and_by_age_keeps_the_newest(tmp_path):
+    """The timer's backups are counted apart from those made before a migration; the one
+    just made stays whatever the others' stamps say; a name of no real time is no backup."""
     system = backed_up_system(tmp_path)
     system.backups_dir.mkdir(mode=0o700)
-    old = ["20200101T000000Z-scheduled", "20200102T000000Z-0123456789ab",
-           "20200103T000000Z-scheduled", "20200104T000000Z-manual"]
-    for stem in old:
+    scheduled = ["20200101T000000Z-scheduled", "20200103T000000Z-scheduled",
+                 "20200105T000000Z-scheduled"]
+    others = ["20200102T000000Z-0123456789ab", "20200104T000000Z-manual"]
+    for stem in scheduled + others + ["20201399T000000Z-scheduled"]:
         (system.backups_dir / f"{stem}.sqlite").write_text("")
     (system.backups_dir / "notes.txt").write_text("not a backup: left alone")
-    newest = stagetools._back_up(system)  # keep 3: the newest and the two before
-    assert sorted(stagetools._backup_sets(str(system.backups_dir))) == old[2:] + [newest]
+    newest = stagetools._back_up(system)  # keep 3: the one just made and the two before
+    assert sorted(stagetools._backup_sets(str(system.backups_dir))) == sorted(
+        scheduled[1:] + others + [newest])
     assert (system.backups_dir / "notes.txt").exists()
+    assert (system.backups_dir / "20201399T000000Z-scheduled.sqlite").exists()
+    # A stamp in the future (a clock that was wrong once) does not outlive the one just made.
+    future = "20370101T000000Z-scheduled"
+    (system.backups_dir / f"{future}.sqlite").write_text("")
+    keep_one = stagetools.get_expected_system_from_name(
+        "shop_qual", base_dir=str(system.base_dir), declared=stagetools.parse_declaration(
+            "[stagetools]\nbackup = keep 1 @ daily\n", "shop_qual"))
+    latest = stagetools._back_up(keep_one)
+    assert sorted(stagetools._backup_sets(str(system.backups_dir))) == sorted(others + [latest])
     by_age = backed_up_system(tmp_path / "age", "[stagetools]\nbackup = keep 30d @ daily\n")
     by_age.backups_dir.mkdir(mode=0o700)
-    for stem in old:
+    for stem in scheduled + others:
         (by_age.backups_dir / f"{stem}.sqlite").write_text("")
-    # older than 30 days, but the newest stays
-    assert stagetools._prune_backups(by_age) == old[:3][::-1]
-    assert list(stagetools._backup_sets(str(by_age.backups_dir))) == [old[3]]
+    made = stagetools._back_up(by_age)  # those of the timer older than 30 days go
+    assert sorted(stagetools._backup_sets(str(by_age.backups_dir))) == sorted(others + [made])
+
+
+def test_backup__a_backup_that_cannot_be_read_is_refused_in_one_line(tmp_path):
+    """A database backup SQLite cannot read, a media archive that is no tar: refusals that
+    name the file, and the database as it was."""
+    import sqlite3
+    system = backed_up_system(tmp_path)
+    stem = stagetools._back_up(system)
+    (system.backups_dir / f"{stem}.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(stagetools.StagetoolsError, match=r"\.sqlite': SQLite cannot read it"):
+        stagetools._restore_backup(system, stem)
+    with contextlib.closing(sqlite3.connect(system.database_sqlite_path)) as database:
+        assert database.execute("SELECT count(*) FROM notes").fetchone() == (100,)
+    other = stagetools._back_up(system, label="manual")
+    (system.backups_dir / f"{other}.media.tar").write_bytes(b"not a tar")
+    with pytest.raises(stagetools.StagetoolsError, match=r"\.media\.tar': it is no tar"):
+        stagetools._restore_backup(system, other)
 
 
 def test_backup__restore_of_an_unknown_backup_names_those_there(tmp_path):

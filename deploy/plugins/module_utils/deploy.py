@@ -271,6 +271,18 @@ run("runuser", "-u", name, "--", "/usr/bin/python3", "-I", copy, "restore", name
 """
 
 
+# Run as the installation's user: SQLite's own check of a backup, before a restore.
+SQLITE_CHECK_CODE = """\
+import sqlite3, sys
+try:
+    rows = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro", uri=True).execute(
+        "PRAGMA quick_check").fetchall()
+except sqlite3.DatabaseError as error:
+    rows = [str(error)]
+sys.exit(0 if rows == [("ok",)] else "SQLite cannot restore it: " + str(rows[:3]))
+"""
+
+
 def stagetools_source(stagetools):
     """The text of the collection's stagetools.py, wherever Ansible put it (a file, a zip)."""
     loader = getattr(stagetools, "__loader__", None)
@@ -324,14 +336,33 @@ def restore(stagetools, system, backup):
     jobs = [job for job in list(system.jobs.values()) + [system.backup] if job]
     scheduled = [worker["service"] for worker in system.background_workers.values()] + [
         job["timer"] for job in jobs]
+    verify_backup(stagetools, system, backup)
     started = time.monotonic()
+    try:
+        restore_in_unit(system, backup, scheduled, [job["service"] for job in jobs])
+    finally:  # a failed restore too: the workers and timers (the backup's) run again
+        if scheduled:  # those there are: a first deploy's failed migration has none yet
+            run(["systemctl", "start", *scheduled], "start the workers and timers again",
+                check=False)
+    run(["systemctl", "start", f"{system.name}.service"], "start the service again")
+    return time.monotonic() - started
+
+
+def verify_backup(stagetools, system, backup):
+    """The backup's database is one its tool reads (pg_restore --list, SQLite's quick
+    check), asked as the user: before a restore stops or drops anything."""
+    path = os.path.join(str(system.backups_dir),
+                        backup + stagetools._BACKUP_SUFFIXES[system.database])
+    if not os.path.isfile(path):  # a backup of media/ alone (SQLite not made yet)
+        return
+    as_user(system, ["pg_restore", "--list", path] if system.database == "postgresql" else
+            ["/usr/bin/python3", "-I", "-c", SQLITE_CHECK_CODE, path], "verify the backup")
+
+
+def restore_in_unit(system, backup, scheduled, jobs):
+    """RESTORE_CODE in a unit the service is ordered after."""
     run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
          f"--unit={system.name}-restore", "--property=Type=oneshot",
          f"--property=Before={system.name}.service", "--", "/usr/bin/python3", "-I", "-c",
-         RESTORE_CODE, system.name, backup, ROOT_COPY, system.database, *scheduled,
-         *[job["service"] for job in jobs]], "restore", cwd="/")
-    run(["systemctl", "start", f"{system.name}.service"], "start the service again")
-    if scheduled:  # those there are: a first deploy's failed migration has none yet
-        run(["systemctl", "start", *scheduled], "start the workers and timers again",
-            check=False)
-    return time.monotonic() - started
+         RESTORE_CODE, system.name, backup, ROOT_COPY, system.database, *scheduled, *jobs],
+        "restore", cwd="/")

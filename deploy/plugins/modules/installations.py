@@ -699,8 +699,11 @@ class Installation:
         """The units rendered, those of a fixed name, and every job's, worker's and backup's
         unit of the installation there is: what is not rendered is stale."""
         prefixes = tuple(f"{self.name}{prefix}" for prefix in SCHEDULED_PREFIXES)
-        scheduled = {os.path.join(UNIT_DIR, entry) for entry in os.listdir(UNIT_DIR)
-                     if entry.startswith(prefixes)} if os.path.isdir(UNIT_DIR) else set()
+        scheduled = {entry.path for entry in os.scandir(UNIT_DIR)
+                     if entry.name.startswith(prefixes)  # not an operator's drop-in dir
+                     and entry.name.endswith((".service", ".timer"))
+                     and entry.is_file(follow_symlinks=False)} if os.path.isdir(UNIT_DIR) \
+            else set()
         return sorted(set(rendered) | scheduled | {f"{UNIT_DIR}/{self.name}{suffix}"
                                                    for suffix in UNIT_SUFFIXES})
 
