@@ -1455,10 +1455,13 @@ def _run_database_tool(command, what):
 
 def _back_up_media(system, path):
     """media/ into the tar ``path``: its directories and regular files (no link: nginx would
-    serve none, and a restore makes none)."""
+    serve none, and a restore makes none; a second hard link of a file is a file of its own)."""
     import tarfile
 
     def regular(info):
+        if info.islnk():  # tarfile's hard link: this name would come back as nothing
+            info.type, info.linkname = tarfile.REGTYPE, ""
+            info.size = os.lstat(os.path.join(system.media_dir, info.name)).st_size
         return info if info.isfile() or info.isdir() else None
 
     def write(temporary):

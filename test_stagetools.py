@@ -3586,6 +3586,17 @@ def test_backup__retention_by_count_and_by_age_keeps_the_newest(tmp_path):
     assert sorted(stagetools._backup_sets(str(by_age.backups_dir))) == sorted(others + [made])
 
 
+def test_backup__a_file_with_two_names_in_media_comes_back_under_both(tmp_path):
+    system = backed_up_system(tmp_path)
+    os.link(system.media_dir / "b.txt", system.media_dir / "photos" / "b-again.txt")
+    stem = stagetools._back_up(system)
+    for path in (system.media_dir / "b.txt", system.media_dir / "photos" / "b-again.txt"):
+        path.unlink()
+    stagetools._restore_backup(system, stem)
+    assert (system.media_dir / "photos" / "b-again.txt").read_text() == "b"
+    assert (system.media_dir / "b.txt").read_text() == "b"
+
+
 def test_backup__a_backup_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     """A database backup SQLite cannot read, a media archive that is no tar: refusals that
     name the file, and the database as it was."""

@@ -20,6 +20,9 @@ TAIL_CHARACTERS = 3000
 # beside the running ones, then renamed into place (see README: "Where releases live").
 RELEASE_PARTS = ("bin", "lib", "src", "static")
 WEB_GROUP = "www-data"
+UNIT_DIR = "/etc/systemd/system"
+# The units of jobs, workers and the backup start so: whatever is there is the installation's.
+SCHEDULED_PREFIXES = ("-job-", "-worker-", "-backup.")
 # What an installation's user may pass to pip: environment variable names, one-line values.
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # systemd 252 (Debian 12) writes a transient unit's command with ';' and '$' escaped inside
@@ -333,19 +336,32 @@ def restore(stagetools, system, backup):
     if backup not in backups(stagetools, system):
         raise StepFailed(f"{system.name} has no backup {backup!r}; it has "
                          f"{', '.join(backups(stagetools, system)[:5]) or 'none'}")
-    jobs = [job for job in list(system.jobs.values()) + [system.backup] if job]
-    scheduled = [worker["service"] for worker in system.background_workers.values()] + [
-        job["timer"] for job in jobs]
+    # The units there are, not those declared: after a failed migration the running release's
+    # (the new commit's units are not written yet).
+    units, worker = scheduled_unit_files(system.name), f"{system.name}-worker-"
+    scheduled = [unit for unit in units if unit.endswith(".timer") or unit.startswith(worker)]
     verify_backup(stagetools, system, backup)
     started = time.monotonic()
     try:
-        restore_in_unit(system, backup, scheduled, [job["service"] for job in jobs])
+        restore_in_unit(system, backup, scheduled,
+                        [unit for unit in units if unit not in scheduled])
     finally:  # a failed restore too: the workers and timers (the backup's) run again
         if scheduled:  # those there are: a first deploy's failed migration has none yet
             run(["systemctl", "start", *scheduled], "start the workers and timers again",
                 check=False)
     run(["systemctl", "start", f"{system.name}.service"], "start the service again")
     return time.monotonic() - started
+
+
+def scheduled_unit_files(name):
+    """The names of the installation's units of jobs, workers and the backup in UNIT_DIR:
+    regular .service and .timer files (not an operator's drop-in dir)."""
+    if not os.path.isdir(UNIT_DIR):
+        return []
+    prefixes = tuple(f"{name}{prefix}" for prefix in SCHEDULED_PREFIXES)
+    return sorted(entry.name for entry in os.scandir(UNIT_DIR)
+                  if entry.name.startswith(prefixes) and entry.name.endswith((".service", ".timer"))
+                  and entry.is_file(follow_symlinks=False))
 
 
 def verify_backup(stagetools, system, backup):

@@ -167,13 +167,12 @@ from concurrent.futures import ThreadPoolExecutor
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.stagetools.deploy.plugins.module_utils import stagetools
 from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
-    RELEASE_PARTS, WEB_GROUP, StepFailed, as_user, back_up, failed, journal, read_file,
-    release_binds, private_file, remove_file, restore, run, unit_state, user_dir, valid_pip_env,
-    wait_for_page, write_file)
+    RELEASE_PARTS, UNIT_DIR, WEB_GROUP, StepFailed, as_user, back_up, failed, journal,
+    read_file, release_binds, private_file, remove_file, restore, run, scheduled_unit_files,
+    unit_state, user_dir, valid_pip_env, wait_for_page, write_file)
 
 CANDIDATE_SECONDS = 120  # a new release's first answer, imports and all
 HEALTH_SECONDS = 60
-UNIT_DIR = "/etc/systemd/system"
 SITES_ENABLED = "/etc/nginx/sites-enabled"
 LETSENCRYPT = "/etc/letsencrypt"
 CERTIFICATE_RENEW_DAYS = 30  # certbot's own: a certificate due within 30 days is renewed
@@ -181,8 +180,6 @@ CERTIFICATE_RENEW_DAYS = 30  # certbot's own: a certificate due within 30 days i
 # rendering no longer has them.
 FORMER_FILES = ("/etc/tmpfiles.d/{name}.conf",)
 UNIT_SUFFIXES = (".socket", ".service", "-app.socket", "-proxy.service")
-# The units of jobs, workers and the backup start so: whatever is there is the installation's.
-SCHEDULED_PREFIXES = ("-job-", "-worker-", "-backup.")
 # Run as the installation's user (the repo's own stagetools): its secret key, made private.
 SECRET_KEY_CODE = ("import sys, stagetools\nstagetools.read_secret_key("
                    "stagetools.get_expected_system_from_name(sys.argv[1], core_repo=sys.argv[2]))")
@@ -698,12 +695,7 @@ class Installation:
     def unit_paths(self, rendered):
         """The units rendered, those of a fixed name, and every job's, worker's and backup's
         unit of the installation there is: what is not rendered is stale."""
-        prefixes = tuple(f"{self.name}{prefix}" for prefix in SCHEDULED_PREFIXES)
-        scheduled = {entry.path for entry in os.scandir(UNIT_DIR)
-                     if entry.name.startswith(prefixes)  # not an operator's drop-in dir
-                     and entry.name.endswith((".service", ".timer"))
-                     and entry.is_file(follow_symlinks=False)} if os.path.isdir(UNIT_DIR) \
-            else set()
+        scheduled = {os.path.join(UNIT_DIR, unit) for unit in scheduled_unit_files(self.name)}
         return sorted(set(rendered) | scheduled | {f"{UNIT_DIR}/{self.name}{suffix}"
                                                    for suffix in UNIT_SUFFIXES})
 
