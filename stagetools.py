@@ -2098,20 +2098,25 @@ def _schedule_lines(expected):
                     for worker, state in zip(workers, running)]
 
 
+def _scheduled_unit_files(name):
+    """The paths of the installation's units of jobs, workers and the backup in the system's
+    unit directory: regular .service and .timer files (not an operator's drop-in dir)."""
+    prefixes = tuple(f"{name}-{kind}" for kind in ("job-", "worker-", "backup."))
+    try:
+        return sorted(entry.path for entry in os.scandir(_SYSTEM_UNIT_DIR)
+                      if entry.name.startswith(prefixes)
+                      and entry.name.endswith((".service", ".timer"))
+                      and entry.is_file(follow_symlinks=False))
+    except OSError:
+        return []
+
+
 def _check_undeclared_units(expected):
     """No unit of a job, worker or backup that the installation no longer declares is left
     in the system's unit directory."""
     rendered = set(expected.services)
-    prefixes = tuple(f"{expected.name}-{kind}" for kind in ("job-", "worker-", "backup."))
-    try:
-        found = sorted(entry.path for entry in os.scandir(_SYSTEM_UNIT_DIR)
-                       if entry.name.startswith(prefixes)  # not an operator's drop-in dir
-                       and entry.name.endswith((".service", ".timer"))
-                       and entry.is_file(follow_symlinks=False))
-    except OSError:
-        found = []
-    return [_fact(f"file {path}", "not there: not declared", path in rendered, "there")
-            for path in found if path not in rendered]
+    return [_fact(f"file {path}", "not there: not declared", False, "there")
+            for path in _scheduled_unit_files(expected.name) if path not in rendered]
 
 
 def _check_backups(expected):

@@ -21,8 +21,6 @@ TAIL_CHARACTERS = 3000
 RELEASE_PARTS = ("bin", "lib", "src", "static")
 WEB_GROUP = "www-data"
 UNIT_DIR = "/etc/systemd/system"
-# The units of jobs, workers and the backup start so: whatever is there is the installation's.
-SCHEDULED_PREFIXES = ("-job-", "-worker-", "-backup.")
 # What an installation's user may pass to pip: environment variable names, one-line values.
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # systemd 252 (Debian 12) writes a transient unit's command with ';' and '$' escaped inside
@@ -338,7 +336,8 @@ def restore(stagetools, system, backup):
                          f"{', '.join(backups(stagetools, system)[:5]) or 'none'}")
     # The units there are, not those declared: after a failed migration the running release's
     # (the new commit's units are not written yet).
-    units, worker = scheduled_unit_files(system.name), f"{system.name}-worker-"
+    units = [os.path.basename(path) for path in stagetools._scheduled_unit_files(system.name)]
+    worker = f"{system.name}-worker-"
     scheduled = [unit for unit in units if unit.endswith(".timer") or unit.startswith(worker)]
     verify_backup(stagetools, system, backup)
     started = time.monotonic()
@@ -351,17 +350,6 @@ def restore(stagetools, system, backup):
                 check=False)
     run(["systemctl", "start", f"{system.name}.service"], "start the service again")
     return time.monotonic() - started
-
-
-def scheduled_unit_files(name):
-    """The names of the installation's units of jobs, workers and the backup in UNIT_DIR:
-    regular .service and .timer files (not an operator's drop-in dir)."""
-    if not os.path.isdir(UNIT_DIR):
-        return []
-    prefixes = tuple(f"{name}{prefix}" for prefix in SCHEDULED_PREFIXES)
-    return sorted(entry.name for entry in os.scandir(UNIT_DIR)
-                  if entry.name.startswith(prefixes) and entry.name.endswith((".service", ".timer"))
-                  and entry.is_file(follow_symlinks=False))
 
 
 def verify_backup(stagetools, system, backup):

@@ -168,8 +168,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.stagetools.deploy.plugins.module_utils import stagetools
 from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
     RELEASE_PARTS, UNIT_DIR, WEB_GROUP, StepFailed, as_user, back_up, failed, journal,
-    read_file, release_binds, private_file, remove_file, restore, run, scheduled_unit_files,
-    unit_state, user_dir, valid_pip_env, wait_for_page, write_file)
+    read_file, release_binds, private_file, remove_file, restore, run, unit_state, user_dir,
+    valid_pip_env, wait_for_page, write_file)
 
 CANDIDATE_SECONDS = 120  # a new release's first answer, imports and all
 HEALTH_SECONDS = 60
@@ -695,7 +695,7 @@ class Installation:
     def unit_paths(self, rendered):
         """The units rendered, those of a fixed name, and every job's, worker's and backup's
         unit of the installation there is: what is not rendered is stale."""
-        scheduled = {os.path.join(UNIT_DIR, unit) for unit in scheduled_unit_files(self.name)}
+        scheduled = set(stagetools._scheduled_unit_files(self.name))
         return sorted(set(rendered) | scheduled | {f"{UNIT_DIR}/{self.name}{suffix}"
                                                    for suffix in UNIT_SUFFIXES})
 
