@@ -197,6 +197,21 @@ _PROBE_TIMEOUT = 60  # seconds
 # Root's record of what a deploy tool deployed, a file per installation (see _read_record):
 # `check` takes the declaration from there, never from the checkout its user could change.
 _RECORD_DIR = "/var/lib/stagetools/deployed"
+# Beyond one host: root's file per installation that names the host of its database, written
+# by the deploy from its inventory (see _read_topology). Without one, the database is local.
+_TOPOLOGY_DIR = "/var/lib/stagetools/topology"
+_TOPOLOGY_MAX_BYTES = 4096
+_DATABASE_PORT = 5432
+# libpq's own names for them in ~/.postgresql: the deployment's CA that signed the database
+# host's certificate, the installation's client certificate and its key.
+_DATABASE_TLS_FILES = {"sslrootcert": "root.crt", "sslcert": "postgresql.crt",
+                       "sslkey": "postgresql.key"}
+# Beyond one host, uploads live on the database host: the app hosts write them by SFTP as
+# the installation's account there (chrooted to its home, so media/ is /media there), with
+# the key and that host's known key in <base_dir>/.ssh, OpenSSH's names.
+_MEDIA_SSH_DIR = ".ssh"
+_MEDIA_SSH_FILES = {"key": "id_ed25519", "known_hosts": "known_hosts"}
+_MEDIA_SFTP_ROOT = "/media"
 _RECORD_MAX_BYTES = 1 << 20
 _COMMIT_CHARACTERS = frozenset("0123456789abcdef")
 
@@ -545,6 +560,11 @@ class System:
         "database_user": "the PostgreSQL role: the name",
         "database_sqlite_path": "the SQLite database: <base_dir>/<core_repo>.sqlite",
         "database_socket_dir": "PostgreSQL's socket directory",
+        "database_host": "the host of its PostgreSQL when another host serves it, reached "
+                         "by TLS with a client certificate ('': this host's socket); root's "
+                         "file /var/lib/stagetools/topology/<name>.json says it",
+        "database_tls_dir": "<base_dir>/.postgresql: root.crt (the deployment's CA), "
+                            "postgresql.crt and postgresql.key (its client certificate)",
         # capacity
         "workers": "worker processes of the server: by stage and the host's cores, or declared",
         "threads": "threads per worker (gunicorn's gthread; 1 for uvicorn and hypercorn)",
@@ -636,7 +656,8 @@ class _Later(dict):
 
 
 def _build_system(name, name_source, base_dir, user, group, core_repo=None, core_app=None,
-                  framework=None, server=None, database=None, host_names=None, declared=None):
+                  framework=None, server=None, database=None, host_names=None, declared=None,
+                  database_host=None):
     configuration, stage_name, stage = parse_name(name)
     core_repo = _valid_identifier("core_repo", core_repo or configuration, name)
     base_dir = _valid_base_dir(base_dir, name)
@@ -674,7 +695,48 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         database_name=name, database_user=name,
         database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
         # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).
-        database_socket_dir="/var/run/postgresql", **chosen)
+        database_socket_dir="/var/run/postgresql",
+        database_host=_chosen_database_host(name, database_host, chosen["database"]),
+        database_tls_dir=join(base_dir, ".postgresql"), **chosen)
+
+
+def _read_topology(name):
+    """Root's topology file of the installation: ``{"name", "database_host"}``, the host of
+    its database as the deploy's inventory places it; ``database_host`` '' without a file.
+    The installation's own process reads it too (its unit maps root to nobody), so the rule
+    is that the installation's user cannot change it: a regular file it does not own, that
+    no group or other may write."""
+    import json
+    parse_name(name)
+    path = os.path.join(_TOPOLOGY_DIR, f"{name}.json")
+    given, fix = f"the topology file '{path}'", "deploy the installation again; it writes the file"
+
+    def not_the_installations(info):
+        if os.name == "posix" and (info.st_mode & 0o022 or info.st_uid == os.geteuid() != 0):
+            raise StagetoolsError(given, "its installation or others could change it", fix)
+
+    try:
+        topology = json.loads(_read_regular_file(path, given, _TOPOLOGY_MAX_BYTES, fix,
+                                                 not_the_installations))
+    except FileNotFoundError:
+        return {"name": name, "database_host": ""}
+    except ValueError as error:  # also JSON's
+        raise StagetoolsError(given, getattr(error, "rule", "it is not JSON"), fix) from None
+    if not (isinstance(topology, dict) and set(topology) == {"name", "database_host"}
+            and topology["name"] == name and isinstance(topology["database_host"], str)):
+        raise StagetoolsError(given, "it is not a topology file of stagetools", fix)
+    return topology
+
+
+def _chosen_database_host(name, given, database):
+    """The database host: given (a deploy tool that is about to write it), else root's
+    topology file; only for PostgreSQL."""
+    host = _read_topology(name)["database_host"] if given is None else given
+    if host and database != "postgresql":
+        raise StagetoolsError(f"database host {host!r} of {name}", f"its database is {database}"
+                              ", and only PostgreSQL is served by another host",
+                              "declare database = postgresql, or place it on no database host")
+    return _valid_host_names([host], "database host")[0] if host else ""
 
 
 def _choices(stage, core_repo, repo_dir, declared, core_app, framework, server, database,
@@ -845,12 +907,13 @@ def _refuse_unknown_name(prefix):
 
 def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core_app=None,
                                   framework=None, server=None, database=None, host_names=None,
-                                  declared=None):
+                                  declared=None, database_host=None):
     """The system a deploy tool should build: user and group are the name,
     base_dir ``/home/<name>`` unless given; the name defaults to the login name.
     Framework, server, database and host names are what the repo declares in its
     stagetools.ini (once it is in place), unless given; ``declared`` replaces that file's choices
-    for a tool that holds the repo elsewhere (``{}``: none)."""
+    for a tool that holds the repo elsewhere (``{}``: none). The database host is root's
+    topology file's unless given (a deploy tool about to write it; ``""``: this host)."""
     source = "argument"
     if name is None:
         name = _process_user_and_group()[0]
@@ -862,7 +925,7 @@ def get_expected_system_from_name(name=None, base_dir=None, core_repo=None, core
                                   "give the installation name") from None
     return _build_system(name, source, f"/home/{name}" if base_dir is None else base_dir,
                          name, name, core_repo, core_app, framework, server, database,
-                         host_names, declared)
+                         host_names, declared, database_host)
 
 
 def read_secret_key(system):
@@ -976,6 +1039,10 @@ def database_url(system, database=None):
     ``database`` defaults to the system's (the declared one)."""
     if _database(system, database) == "sqlite":
         return f"sqlite:///{system.database_sqlite_path}"
+    if system.database_host:  # TLS both ways: the server verified, a client certificate
+        options = "&".join(f"{key}={value}" for key, value in _database_tls(system).items())
+        return (f"postgresql://{system.database_user}@{system.database_host}:{_DATABASE_PORT}"
+                f"/{system.database_name}?{options}")
     # Peer authentication over the local socket: a user, no password, no TCP host.
     return (f"postgresql://{system.database_user}@/{system.database_name}"
             f"?host={_database_host(system)}")
@@ -983,14 +1050,41 @@ def database_url(system, database=None):
 
 def django_database(system, database=None):
     """Django's ``DATABASES["default"]`` for the installation: SQLite's file, or PostgreSQL
-    with the installation's database and role by peer authentication (no password);
+    with the installation's database and role by peer authentication (no password), or, on
+    a database host, by TLS with its client certificate (no password either);
     ``database`` defaults to the system's (the declared one)."""
     database = _database(system, database)
     engine = DATABASES[database]["django_engine"]
     if database == "sqlite":
         return {"ENGINE": engine, "NAME": str(system.database_sqlite_path)}
+    if system.database_host:
+        return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
+                "PASSWORD": "", "HOST": system.database_host, "PORT": str(_DATABASE_PORT),
+                "OPTIONS": _database_tls(system)}
     return {"ENGINE": engine, "NAME": system.database_name, "USER": system.database_user,
             "PASSWORD": "", "HOST": _database_host(system), "PORT": ""}
+
+
+def _shared_media_storage(system):
+    """django-storages' SFTP storage of the uploads on the database host (its OPTIONS), or
+    None on one host."""
+    if not system.database_host:
+        return None
+    ssh = os.path.join(system.base_dir, _MEDIA_SSH_DIR)
+    return {"host": system.database_host, "root_path": _MEDIA_SFTP_ROOT,
+            "params": {"username": system.user, "look_for_keys": False, "allow_agent": False,
+                       "key_filename": os.path.join(ssh, _MEDIA_SSH_FILES["key"]),
+                       "timeout": 10},
+            "known_host_file": os.path.join(ssh, _MEDIA_SSH_FILES["known_hosts"]),
+            # nginx on the database host serves them: readable by its group
+            "file_mode": 0o644, "dir_mode": 0o755, "base_url": f"/{system.media_url}"}
+
+
+def _database_tls(system):
+    """libpq's TLS options for a database host: the server's certificate checked against the
+    deployment's CA and its name (verify-full), the installation's certificate presented."""
+    return {"sslmode": "verify-full", **{key: os.path.join(system.database_tls_dir, file)
+                                         for key, file in _DATABASE_TLS_FILES.items()}}
 
 
 def _database(system, database):
@@ -1124,6 +1218,29 @@ def _write_record(record):
         json.dump(record, file, indent=2)
         file.write("\n")
     os.replace(temporary, path)
+
+
+def _write_topology(name, database_host):
+    """Write (or, for no database host, remove) root's topology file of an installation.
+    True if it changed."""
+    import json
+    parse_name(name)
+    if database_host:
+        _valid_host_names([database_host], "database host")
+    path = os.path.join(_TOPOLOGY_DIR, f"{name}.json")
+    if _read_topology(name)["database_host"] == database_host:
+        return False
+    if not database_host:
+        os.unlink(path)
+        return True
+    os.makedirs(_TOPOLOGY_DIR, mode=0o755, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}"
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                      0o644), "w", encoding="utf-8") as file:
+        json.dump({"name": name, "database_host": database_host}, file)
+        file.write("\n")
+    os.replace(temporary, path)
+    return True
 
 
 def _expected_from_record(record, core_repo=None, **given):
@@ -1793,8 +1910,7 @@ def _render_site(system):
     """The nginx site: HTTPS on the host names with HTTP redirected to it (QUAL and PROD
     with host names), else HTTP on those and on NAME-with-dashes.localhost."""
     locations = _fill(_NGINX_LOCATIONS, name=system.name, static_url=system.static_url,
-                      static_dir=system.static_dir, media_url=system.media_url,
-                      media_dir=system.media_dir)
+                      static_dir=system.static_dir, media_location=_media_location(system))
     if not system.is_https:
         return _fill(_NGINX_SITE, name=system.name, what=_NGINX_HTTP_WHAT,
                      socket_path=system.socket_path, port_80=locations, https_server="",
@@ -1806,6 +1922,18 @@ def _render_site(system):
                  port_80=_fill(_NGINX_TO_HTTPS, acme_challenge_dir=system.acme_challenge_dir),
                  https_server=_fill(_NGINX_HTTPS_SERVER, server_names=names,
                                     certificate_dir=system.certificate_dir, locations=locations))
+
+
+def _media_location(system):
+    return _fill(_NGINX_MEDIA_LOCATION, media_url=system.media_url, media_dir=system.media_dir)
+
+
+def _render_media_site(system):
+    """The nginx site of the database host that keeps the installation's uploads: /media/
+    only, by its local name (the balancer asks by that name)."""
+    return _fill(_NGINX_MEDIA_SITE, name=system.name, media_url=system.media_url,
+                 media_location=_media_location(system),
+                 server_names=f"{system.container}.localhost")
 
 
 def render_starter(system, requirements=None):
@@ -2156,6 +2284,9 @@ def _check_private_files(expected):
     if os.path.lexists(expected.database_sqlite_path):
         facts += _private_file("database_sqlite_path", expected.database_sqlite_path,
                                expected.user)
+    if expected.database_host:  # its client certificate's key
+        facts += _private_file("database key", os.path.join(
+            expected.database_tls_dir, _DATABASE_TLS_FILES["sslkey"]), expected.user)
     if _file_kind(expected.media_dir) == _DIRECTORY:
         mode = expected.media_dir.stat().st_mode
         facts.append(_fact("media_dir mode", _NO_ACCESS_FOR_OTHERS, not mode & 0o007,
@@ -2295,10 +2426,39 @@ def _changeable_by_others(expected):
     return None
 
 
+def _check_database_host(expected):
+    """On a database host: the installation's user reaches its database by its certificate,
+    over TLS, the server verified (Debian's psql, as the user, with what the installation
+    itself uses; no code of the installation runs)."""
+    import grp
+    import pwd
+    if not expected.database_host:
+        return []
+    what = f"database {expected.database_name} on {expected.database_host}"
+    wanted = f"connected as {expected.database_user} by TLS, the server verified"
+    if not (_exists(pwd.getpwnam, expected.user) and _exists(grp.getgrnam, expected.group)):
+        return [_fact(what, wanted, False, "not asked: its user or group is missing")]
+    switch = {} if _process_user_and_group()[0] == expected.user else dict(
+        user=expected.user, group=expected.group, extra_groups=[])
+    command = ["psql", "-XqAt", "-c", "select current_user, ssl from pg_stat_ssl "
+               "where pid = pg_backend_pid()", database_url(expected)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(expected.base_dir), "LANG": "C.UTF-8"}
+    try:
+        returncode, stdout, stderr, problem = _run_bounded(command, env=env, cwd="/", **switch)
+    except OSError as error:
+        returncode, problem = None, f"psql did not start: {error.strerror}"
+    answer = stdout.decode("utf-8", "replace").strip() if problem is None else ""
+    if problem is None and returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        problem = lines[-1] if lines else f"psql exited {returncode}"
+    holds = problem is None and answer == f"{expected.database_user}|t"
+    return [_fact(what, wanted, holds, _printable(problem or answer[:200]))]
+
+
 _CHECKS = (_check_user_and_group, _check_base_dir, _check_code, _check_layout, _check_units,
            _check_private_files,
            _check_rendered_files, _check_certificate, _check_actual_system, _check_jobs,
-           _check_undeclared_units, _check_backups)
+           _check_undeclared_units, _check_backups, _check_database_host)
 # Later than its period by more than this is late: the random delay, the timer's accuracy,
 # and a long run.
 _JOB_LATE = 300
@@ -3169,14 +3329,7 @@ _NGINX_LOCATIONS = """\
             add_header Cache-Control "public, max-age=31536000, immutable";
         }
     }
-    location /$media_url {
-        alias $media_dir/;
-        disable_symlinks if_not_owner;
-        # Uploads come from users: never a page of this site that runs script.
-        add_header X-Content-Type-Options nosniff;
-        add_header Content-Security-Policy "default-src 'none'; sandbox";
-    }
-    location / {
+$media_location    location / {
         proxy_set_header Host $$host;
         proxy_set_header X-Forwarded-For $$proxy_add_x_forwarded_for;
         # Django trusts this header in QUAL and PROD: nginx must always set it.
@@ -3187,6 +3340,28 @@ _NGINX_LOCATIONS = """\
 """
 # One per host, the same from every installation. Without it nginx answers a name it does
 # not serve with its first site, and a TLS handshake with that site's certificate.
+_NGINX_MEDIA_LOCATION = """\
+    location /$media_url {
+        alias $media_dir/;
+        disable_symlinks if_not_owner;
+        # Uploads come from users: never a page of this site that runs script.
+        add_header X-Content-Type-Options nosniff;
+        add_header Content-Security-Policy "default-src 'none'; sandbox";
+    }
+"""
+# On the database host, which keeps the uploads of the installation's app hosts.
+_NGINX_MEDIA_SITE = """\
+# nginx site of $name's uploads (stagetools): its app hosts write them here by SFTP; its
+# balancer sends requests for /$media_url here, by this name.
+server {
+    listen 80;
+    listen [::]:80;
+    server_name $server_names;
+    location / {
+        return 404;
+    }
+$media_location}
+"""
 _NGINX_DEFAULT_SITE = """\
 # nginx default site of stagetools: no page and no certificate for a name no site serves.
 server {

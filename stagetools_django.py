@@ -83,7 +83,10 @@ def settings_defaults(database=None, system=None):
     The database is the one the repo declares in its stagetools.ini (``database =
     sqlite``, the file ``database_sqlite_path``, or ``postgresql``: database and role
     named after the installation, peer authentication over the local socket, no
-    password); ``database`` given here overrides it.
+    password); ``database`` given here overrides it. When the deploy placed the database
+    on a database host (root's topology file says which), PostgreSQL is reached there by
+    TLS with the installation's client certificate, and uploads are kept there too, by
+    django-storages' SFTP storage (the repo requires ``django-storages[sftp]``).
     """
     system = system or _env_setup()
     database_settings = stagetools.django_database(system, database)
@@ -141,6 +144,13 @@ def settings_defaults(database=None, system=None):
         "STATIC_ROOT": system.static_dir,
         "MEDIA_URL": system.media_url,
         "MEDIA_ROOT": system.media_dir,
+        # Beyond one host: uploads on the database host, which every app host writes to by
+        # SFTP (django-storages) and whose nginx serves them; else in media_dir here.
+        **({"STORAGES": {
+            "default": {"BACKEND": "storages.backends.sftpstorage.SFTPStorage",
+                        "OPTIONS": stagetools._shared_media_storage(system)},
+            "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        }} if system.database_host else {}),
         # nginx serves uploads: readable by it whatever the service's UMask=0077 (only its
         # group www-data may enter media/).
         "FILE_UPLOAD_PERMISSIONS": 0o644,

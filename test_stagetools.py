@@ -237,6 +237,7 @@ SHOP_PROD = {
     "database_name": "shop_prod", "database_user": "shop_prod",
     "database_sqlite_path": "/home/shop_prod/shop.sqlite",
     "database_socket_dir": "/var/run/postgresql",
+    "database_host": "", "database_tls_dir": "/home/shop_prod/.postgresql",
     # PROD's rule for this machine's cores (test_capacity__... covers other core counts)
     "workers": min(2 * (os.cpu_count() or 1) + 1, 12), "threads": 4, "idle_stop": 0,
     # QUAL and PROD back up every night unless they declare otherwise
@@ -266,6 +267,7 @@ def expected_attributes(name, base_dir, configuration, stage_name, stage, core_r
         "manage_py_path": f"{b}/src/{core_repo}/manage.py",
         "database_name": name, "database_user": name,
         "database_sqlite_path": f"{b}/{core_repo}.sqlite",
+        "database_tls_dir": f"{b}/.postgresql",
     }
     if stage in ("dev", "int"):  # one worker, stopped when idle, no backup
         values.update(workers=1, idle_stop=900, backup=None)
@@ -644,6 +646,95 @@ def test_record__root_s_alone_of_a_record_s_shape(tmp_path):
                 stagetools._read_record("../etc")
 
 
+# ---------------------------------------------------------------- a database on another host
+
+POSTGRESQL = {"database": "postgresql"}
+
+
+def test_topology__the_database_host_from_root_s_file(tmp_path, monkeypatch):
+    """The deploy writes which host serves an installation's database; the installation's
+    own system reads it: its DATABASES and URL go there by TLS with its certificate."""
+    monkeypatch.setattr(stagetools, "_TOPOLOGY_DIR", str(tmp_path))
+    local = stagetools.get_expected_system_from_name("shop_prod", declared=POSTGRESQL)
+    assert local.database_host == "" and local.database_tls_dir.name == ".postgresql"
+    assert stagetools.django_database(local)["HOST"] == "/var/run/postgresql"
+    assert stagetools._write_topology("shop_prod", "db1.example.com") is True
+    assert stagetools._write_topology("shop_prod", "db1.example.com") is False
+    system = stagetools.get_expected_system_from_name("shop_prod", declared=POSTGRESQL)
+    assert system.database_host == "db1.example.com"
+    tls = "/home/shop_prod/.postgresql"
+    assert stagetools.django_database(system) == {
+        "ENGINE": "django.db.backends.postgresql", "NAME": "shop_prod", "USER": "shop_prod",
+        "PASSWORD": "", "HOST": "db1.example.com", "PORT": "5432",
+        "OPTIONS": {"sslmode": "verify-full", "sslrootcert": f"{tls}/root.crt",
+                    "sslcert": f"{tls}/postgresql.crt", "sslkey": f"{tls}/postgresql.key"}}
+    assert stagetools.database_url(system) == (
+        "postgresql://shop_prod@db1.example.com:5432/shop_prod?sslmode=verify-full&"
+        f"sslrootcert={tls}/root.crt&sslcert={tls}/postgresql.crt&sslkey={tls}/postgresql.key")
+    storage = stagetools._shared_media_storage(system)
+    assert (storage["host"], storage["root_path"], storage["params"]["username"]) == (
+        "db1.example.com", "/media", "shop_prod")
+    assert stagetools._shared_media_storage(local) is None
+    # given by a deploy tool about to write it, the file is not read
+    assert stagetools.get_expected_system_from_name(
+        "shop_prod", declared=POSTGRESQL, database_host="").database_host == ""
+    # no database host: the file goes
+    assert stagetools._write_topology("shop_prod", "") is True
+    assert not (tmp_path / "shop_prod.json").exists()
+
+
+def test_topology__refusals(tmp_path, monkeypatch):
+    monkeypatch.setattr(stagetools, "_TOPOLOGY_DIR", str(tmp_path))
+    with pytest.raises(stagetools.StagetoolsError, match="only PostgreSQL is served by another"):
+        stagetools.get_expected_system_from_name("shop_prod", declared={},
+                                                 database_host="db1.example.com")
+    with pytest.raises(stagetools.StagetoolsError, match="invalid database host 'db1;'"):
+        stagetools.get_expected_system_from_name("shop_prod", declared=POSTGRESQL,
+                                                 database_host="db1;")
+    path = tmp_path / "shop_prod.json"
+    for text, rule in (("[", "it is not JSON"), ("{}", "it is not a topology file"),
+                       (json.dumps({"name": "shop_qual", "database_host": "db1.example.com"}),
+                        "it is not a topology file"),
+                       (json.dumps({"name": "shop_prod", "database_host": "db 1"}),
+                        "invalid database host")):
+        path.write_text(text)
+        path.chmod(0o644)
+        with pytest.raises(stagetools.StagetoolsError, match=rule):
+            stagetools.get_expected_system_from_name("shop_prod", declared=POSTGRESQL)
+    path.write_text(json.dumps({"name": "shop_prod", "database_host": "db1.example.com"}))
+    path.chmod(0o666)  # writable by others: they could point the database elsewhere
+    with pytest.raises(stagetools.StagetoolsError, match="its installation or others could"):
+        stagetools._read_topology("shop_prod")
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(stagetools.StagetoolsError, match="it is a symbolic link"):
+        stagetools._read_topology("shop_prod")
+
+
+@pytest.mark.skipif(not IS_ROOT and not IN_CI, reason="a file the process's user cannot "
+                    "change: needs root to make one of another user's")
+def test_topology__a_file_its_installation_owns_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(stagetools, "_TOPOLOGY_DIR", str(tmp_path))
+    stagetools._write_topology("shop_prod", "db1.example.com")
+    assert stagetools._read_topology("shop_prod")["database_host"] == "db1.example.com"
+    os.chown(tmp_path / "shop_prod.json", 65534, 65534)  # nobody's: root's as a unit sees it
+    assert stagetools._read_topology("shop_prod")["database_host"] == "db1.example.com"
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)  # as the file's owner reads it
+    with pytest.raises(stagetools.StagetoolsError, match="its installation or others could"):
+        stagetools._read_topology("shop_prod")
+
+
+def test_media_site__the_database_host_serves_uploads_only():
+    system = stagetools.get_expected_system_from_name("shop_prod", declared=POSTGRESQL)
+    site = stagetools._render_media_site(system)
+    assert "server_name shop-prod.localhost;" in site and "proxy_pass" not in site
+    assert "alias /home/shop_prod/media/;" in site and "return 404;" in site
+    # the same media location as the installation's own site
+    assert stagetools._media_location(system) in site
+    assert stagetools._media_location(system) in system.services[
+        "/etc/nginx/sites-available/shop_prod.conf"]
+
+
 # ---------------------------------------------------------------- host names and HTTPS
 
 BAD_HOST_NAMES = {
@@ -857,7 +948,7 @@ def test_differences_are_listed_field_by_field():
     assert names == ["base_dir", "venv_dir", "bin_dir", "lib_dir", "src_dir", "python_path",
                      "pip_path", "core_repo_dir", "releases_dir", "static_dir", "media_dir",
                      "backups_dir", "secret_key_path",
-                     "manage_py_path", "database_sqlite_path"]
+                     "manage_py_path", "database_sqlite_path", "database_tls_dir"]
     assert ("base_dir", "/home/shop_prod", "/srv/shop_prod") in expected.differences(other)
 
 

@@ -221,13 +221,13 @@ def repos(workdir):
         return {k: f.result() for k, f in futures.items()}
 
 
-def cached_wheelhouse():
+def cached_wheelhouse(wheels=WHEELS):
     """Wheels for the hosts, cached on the machine while the list stays the same."""
-    key = testhosts.hashlib.sha256("\n".join(WHEELS).encode()).hexdigest()[:16]
+    key = testhosts.hashlib.sha256("\n".join(wheels).encode()).hexdigest()[:16]
     path = os.path.join(testhosts.CACHE_DIR, "wheelhouse-" + key)
     if not os.path.exists(os.path.join(path, "complete")):
         shutil.rmtree(path, ignore_errors=True)
-        sh([sys.executable, "-m", "pip", "download", "--quiet", "--dest", path] + WHEELS)
+        sh([sys.executable, "-m", "pip", "download", "--quiet", "--dest", path] + wheels)
         open(os.path.join(path, "complete"), "w").close()
     return path
 

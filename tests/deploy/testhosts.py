@@ -180,8 +180,12 @@ class TestHosts:
     __test__ = False  # not a pytest class
     _count = 0
 
-    def __init__(self, workdir, wheelhouse=None, copy=False, log=print):
+    def __init__(self, workdir, wheelhouse=None, copy=False, log=print, shared_network=False):
         self.workdir = os.path.abspath(workdir)
+        # One network of their own: the hosts' veths on a bridge of ours, one subnet (the
+        # machine's end on the bridge), so that the hosts reach each other; else a /30 each.
+        self.shared_network = shared_network
+        self.bridge = None
         self.wheelhouse = wheelhouse
         self.copy = copy
         self.log = log
@@ -231,14 +235,14 @@ class TestHosts:
         raise KeyboardInterrupt("signal %d" % signum)
 
     # -- the pieces
-    def _free_subnets(self, count):
+    def _free_subnets(self, count, new_prefix=30):
         used = run(["ip", "-o", "-4", "addr", "show"]).stdout
         taken = set()
         for line in used.splitlines():
             address = ipaddress.ip_interface(line.split()[3])
             taken.add(address.network)
         found = []
-        for subnet in NETWORK.subnets(new_prefix=30):
+        for subnet in NETWORK.subnets(new_prefix=new_prefix):
             if not any(subnet.overlaps(t) for t in taken):
                 found.append(subnet)
                 if len(found) == count:
@@ -272,9 +276,21 @@ class TestHosts:
             if result.returncode != 0:  # still busy: detach it, it goes when the last user does
                 run(["umount", "--lazy", path])
 
+    def _make_bridge(self, subnet, tag):
+        """The bridge of a shared network, the machine's address on it (the subnet's first)."""
+        bridge = "stt%s-br" % tag
+        self._on_close(lambda: run(["ip", "link", "delete", bridge], check=False))
+        run(["ip", "link", "add", bridge, "type", "bridge"])
+        run(["ip", "addr", "add", "%s/%d" % (next(subnet.hosts()), subnet.prefixlen), "dev",
+             bridge])
+        run(["ip", "link", "set", bridge, "up"])
+        self.bridge = bridge
+
     def _make_netns(self, index, subnet, tag):
         netns = "stt%s-%d" % (tag, index)
         veth = "stt%s-%d" % (tag, index)  # machine end; the host end is renamed to eth0
+        if self.bridge:  # the machine's end on the bridge; the hosts after the machine's
+            return self._make_bridged_netns(netns, veth, list(subnet.hosts())[index], subnet)
         machine_ip, host_ip = list(subnet.hosts())
         # Each undo is registered before its start: an interrupt in between leaves nothing.
         self._on_close(lambda: run(["ip", "netns", "delete", netns], check=False))
@@ -287,6 +303,21 @@ class TestHosts:
         inside = ["ip", "netns", "exec", netns]
         run(inside + ["ip", "link", "set", veth + "p", "name", "eth0"])
         run(inside + ["ip", "addr", "add", "%s/30" % host_ip, "dev", "eth0"])
+        run(inside + ["ip", "link", "set", "eth0", "up"])
+        run(inside + ["ip", "link", "set", "lo", "up"])
+        return netns, veth, str(host_ip)
+
+    def _make_bridged_netns(self, netns, veth, host_ip, subnet):
+        self._on_close(lambda: run(["ip", "netns", "delete", netns], check=False))
+        run(["ip", "netns", "add", netns])
+        self._on_close(lambda: run(["ip", "link", "delete", veth], check=False))
+        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"])
+        run(["ip", "link", "set", veth + "p", "netns", netns])
+        run(["ip", "link", "set", veth, "master", self.bridge])
+        run(["ip", "link", "set", veth, "up"])
+        inside = ["ip", "netns", "exec", netns]
+        run(inside + ["ip", "link", "set", veth + "p", "name", "eth0"])
+        run(inside + ["ip", "addr", "add", "%s/%d" % (host_ip, subnet.prefixlen), "dev", "eth0"])
         run(inside + ["ip", "link", "set", "eth0", "up"])
         run(inside + ["ip", "link", "set", "lo", "up"])
         return netns, veth, str(host_ip)
@@ -464,7 +495,12 @@ class TestHosts:
         # (and short: an interface name has at most 15 characters).
         TestHosts._count += 1
         tag = "%x%d" % (os.getpid() % 0xffff, TestHosts._count % 100)
-        subnets = self._free_subnets(count)
+        if self.shared_network:  # one subnet for all, the machine's end first
+            subnet, = self._free_subnets(1, new_prefix=28)
+            self._make_bridge(subnet, tag)
+            subnets = [subnet] * count
+        else:
+            subnets = self._free_subnets(count)
         for index in range(1, count + 1):
             name = "%s%d" % (prefix, index)
             hostdir = os.path.join(self.workdir, name)

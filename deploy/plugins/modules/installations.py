@@ -74,6 +74,30 @@ options:
         description: The page that must answer 200, asked of the candidate and of the service.
         type: str
         default: /
+      database_host:
+        description:
+          - The host that serves its PostgreSQL database (its name in DNS and in that host's
+            certificate), when that is another host; reached by TLS with the client
+            certificate of I(credentials). Root's topology file tells the installation.
+          - Default none; the database is this host's.
+        type: str
+      balancer_host:
+        description: The host whose HAProxy balances its requests among its app hosts; the
+          balancer's play reads it, this module does not.
+        type: str
+  credentials:
+    description:
+      - Set by the role, not by users; by name, the files the deployment hands an
+        installation on a database host - C(ca_certificate), C(certificate) and C(key) (PEM),
+        written into its C(database_tls_dir); C(secret_key), the key every app host of the
+        installation shares, written into its C(secret_key_path) (0600).
+    type: dict
+    default: {}
+  database_backups:
+    description: Set by the role, not by users; by name, the backup that the rolling upgrade
+      took on the database host before this run (then this module takes none of its own).
+    type: dict
+    default: {}
   pip_env:
     description: >-
       Environment for pip, e.g. C({PIP_NO_INDEX: "1", PIP_FIND_LINKS: /srv/wheels}).
@@ -150,6 +174,14 @@ installations:
     backup:
       description: The database backup taken before migrating, if any.
       type: str
+    previous:
+      description: The commit that served before this run (root's record), if any.
+      type: str
+    server_names:
+      description: The names its nginx site answers (C(NAME-with-dashes.localhost) and its
+        host names), for a balancer in front of the host.
+      type: list
+      elements: str
 needs_commits:
   description: Only to the action plugin, the commits the host's mirrors lack, by name.
   returned: when the action plugin must send code
@@ -170,6 +202,8 @@ from ansible_collections.stagetools.deploy.plugins.module_utils.deploy import (
     RELEASE_PARTS, UNIT_DIR, WEB_GROUP, StepFailed, as_user, back_up, failed, journal,
     read_file, release_binds, private_file, remove_file, restore, run, unit_state, user_dir,
     valid_pip_env, wait_for_page, write_file)
+from ansible_collections.stagetools.deploy.plugins.module_utils.hosts import (
+    client_files, psql, role_and_database)
 
 CANDIDATE_SECONDS = 120  # a new release's first answer, imports and all
 HEALTH_SECONDS = 60
@@ -221,7 +255,9 @@ class Installation:
         self.params = dict(entry, pip_env=params["pip_env"], acme_server=params["acme_server"],
                            acme_email=params["acme_email"], mirror_dir=params["mirror_dir"],
                            commit=params["commits"].get(name), bundle=params["bundles"].get(name),
-                           declaration=params["declarations"].get(name))
+                           declaration=params["declarations"].get(name),
+                           credentials=params["credentials"].get(name),
+                           database_backup=params["database_backups"].get(name))
         self.check_mode, self.shared, self.name = module.check_mode, shared, name
         self.changes, self.diff = [], []
         self.step, self.commit, self.system, self.backup = "code", None, None, None
@@ -350,13 +386,17 @@ class Installation:
         self.system = stagetools.get_expected_system_from_name(
             self.name, core_repo=params["core_repo"], core_app=params["core_app"],
             framework=params["framework"], server=params["server"], database=params["database"],
-            host_names=params["host_names"] or None, declared=declared)
+            host_names=params["host_names"] or None, declared=declared,
+            database_host=params["database_host"] or "")
 
     def prerequisites(self):
         """What this installation needs of the host besides what every one needs."""
         self.step = "prerequisites"
         needed = {"certbot": "certbot"} if self.system.is_https else {}
-        if self.system.database == "postgresql":
+        if self.system.database_host:  # a client: PostgreSQL is another host's
+            needed.update(psql="postgresql-client", pg_dump="postgresql-client",
+                          pg_restore="postgresql-client")
+        elif self.system.database == "postgresql":
             needed.update(psql="postgresql", pg_dump="postgresql", pg_restore="postgresql")
         lacking = sorted({package for command, package in needed.items()
                           if not shutil.which(command)})
@@ -454,38 +494,19 @@ class Installation:
             os.close(descriptor)
 
     def postgresql_role_exists(self):
-        if self.system.database != "postgresql" or not shutil.which("psql"):
+        if self.system.database != "postgresql" or self.system.database_host \
+                or not shutil.which("psql"):
             return False
-        return self.psql(f"select 1 from pg_roles where rolname = '{self.name}'") == "1"
-
-    def psql(self, sql):
-        return run(["runuser", "-u", "postgres", "--", "psql", "-XqAt", "-c", sql],
-                   "psql as postgres", cwd="/").stdout.strip()
+        return psql(f"select 1 from pg_roles where rolname = '{self.name}'") == "1"
 
     def database(self):
         """PostgreSQL: the installation's role and database (peer authentication, no
-        password), which no other role may connect to."""
-        if self.system.database != "postgresql":
-            return
+        password), which no other role may connect to; on a database host, the client's
+        TLS files and root's topology file instead (the database host has the rest)."""
         self.step = "database"
-        name = self.name
-        found = self.psql(
-            f"select 'role' from pg_roles where rolname = '{name}' union all "
-            f"select 'db' from pg_database where datname = '{name}' union all "
-            f"select 'public' from pg_database d, aclexplode(coalesce(d.datacl, "
-            f"acldefault('d', d.datdba))) a where d.datname = '{name}' and a.grantee = 0 "
-            f"and a.privilege_type in ('CONNECT', 'TEMPORARY')").split()
-        for missing, command, what in (
-                ("role" not in found, ["createuser", name], f"PostgreSQL role {name}"),
-                ("db" not in found, ["createdb", "--owner", name, name], f"database {name}")):
-            if missing:
-                self.change(what)
-                if not self.check_mode:
-                    run(["runuser", "-u", "postgres", "--", *command], command[0], cwd="/")
-        if "public" in found or "db" not in found:
-            self.change(f"REVOKE CONNECT, TEMPORARY ON DATABASE {name} FROM PUBLIC")
-            if not self.check_mode:
-                self.psql(f"REVOKE CONNECT, TEMPORARY ON DATABASE {name} FROM PUBLIC")
+        client_files(self.system, self.params["credentials"], self.check_mode, self.change)
+        if self.system.database == "postgresql" and not self.system.database_host:
+            role_and_database(self.name, self.check_mode, self.change)
 
     # -- a new release: built beside the running one, migrated, asked, switched
 
@@ -562,6 +583,9 @@ class Installation:
         try:
             as_user(system, command, self.step, binds, umask="0077")
         except StepFailed as error:
+            if self.backup and self.params["database_backup"]:
+                raise StepFailed(f"{error}\nThe backup {self.backup} is the database host's: "
+                                 "the play restores it") from None
             if self.backup:
                 self.step = "migrate (restoring the backup)"
                 waited = self.restore(self.backup)
@@ -575,6 +599,8 @@ class Installation:
         """A backup of the database into the backups dir, made by the user as its backup
         unit makes one (see module_utils/deploy.py); None for a SQLite database not made
         yet."""
+        if self.system.database_host and self.params["database_backup"]:
+            return f"{self.system.database_host}:{self.params['database_backup']}"  # the play's
         self.backup_time = datetime.datetime.now(datetime.timezone.utc).strftime(
             "%H:%M:%S UTC")
         backup = back_up(self.system, self.previous_commit[:12])
@@ -906,6 +932,11 @@ def _service_lines(system):
     return [line for line in section.splitlines() if "=" in line]
 
 
+def server_names(system):
+    """The names its nginx site answers, for a balancer in front of the host."""
+    return [f"{system.container}.localhost", *system.host_names] if system else []
+
+
 def missing_commits(module):
     """The commits the action plugin gave that the host's mirrors lack, by name."""
     missing = {}
@@ -933,7 +964,9 @@ def converge(module, entry, shared):
     except (StepFailed, stagetools.StagetoolsError, OSError) as error:
         result.update(failed=True, msg=installation.failure(error))
     result.update(changed=bool(installation.changes), changes=installation.changes,
-                  commit=installation.commit, backup=installation.backup)
+                  commit=installation.commit, backup=installation.backup,
+                  previous=installation.record and installation.record["commit"],
+                  server_names=server_names(installation.system))
     return result, installation.diff
 
 
@@ -945,7 +978,8 @@ def main():
                  server=dict(type="str", choices=["gunicorn", "uvicorn", "hypercorn"]),
                  database=dict(type="str", choices=["sqlite", "postgresql"]),
                  host_names=dict(type="list", elements="str"),
-                 health_path=dict(type="str", default="/"))
+                 health_path=dict(type="str", default="/"),
+                 database_host=dict(type="str"), balancer_host=dict(type="str"))
     module = AnsibleModule(
         argument_spec=dict(
             installations=dict(type="list", elements="dict", required=True, options=entry),
@@ -956,6 +990,8 @@ def main():
             commits=dict(type="dict", default={}),
             bundles=dict(type="dict", default={}),
             declarations=dict(type="dict", default={}),
+            credentials=dict(type="dict", default={}, no_log=True),
+            database_backups=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
     )
