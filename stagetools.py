@@ -200,6 +200,9 @@ _RECORD_DIR = "/var/lib/stagetools/deployed"
 # Beyond one host: root's file per installation that names the host of its database, written
 # by the deploy from its inventory (see _read_topology). Without one, the database is local.
 _TOPOLOGY_DIR = "/var/lib/stagetools/topology"
+# PostgreSQL on this host: Debian's libpq default; psycopg wheels were built with /tmp
+# (psycopg2#521).
+_DATABASE_SOCKET_DIR = "/var/run/postgresql"
 _TOPOLOGY_MAX_BYTES = 4096
 _DATABASE_PORT = 5432
 # libpq's own names for them in ~/.postgresql: the deployment's CA that signed the database
@@ -680,24 +683,21 @@ def _build_system(name, name_source, base_dir, user, group, core_repo=None, core
         base_dir=base_dir, venv_dir=base_dir, bin_dir=bin_dir, lib_dir=join(base_dir, "lib"),
         src_dir=src_dir, python_path=join(bin_dir, "python"), pip_path=join(bin_dir, "pip"),
         core_repo_dir=core_repo_dir, releases_dir=join(base_dir, "releases"),
-        static_url="static/",
-        static_dir=join(base_dir, "static"), media_url="media/",
+        static_url="static/", static_dir=join(base_dir, "static"), media_url="media/",
         media_dir=join(base_dir, "media"), backups_dir=join(base_dir, "backups"),
-        run_dir=run_dir,
-        socket_path=f"{run_dir}/{name}.sock", secret_key_path=join(base_dir, "secret_key"),
+        run_dir=run_dir, socket_path=f"{run_dir}/{name}.sock",
+        secret_key_path=join(base_dir, "secret_key"),
         certificate_dir=f"{_CERTIFICATE_DIR}/{name}", acme_challenge_dir=_ACME_CHALLENGE_DIR,
         application_name="application", asgi_module=entry_module,
         asgi_application=asgi_application, wsgi_module=entry_module,
         wsgi_application=wsgi_application, django_project=DJANGO_PROJECT,
         django_settings=f"{DJANGO_PROJECT}.settings", django_rooturls=f"{DJANGO_PROJECT}.urls",
-        django_wsgi_application=wsgi_application.replace(":", "."),
-        manage_py_path=join(core_repo_dir, "manage.py"),
-        database_name=name, database_user=name,
-        database_sqlite_path=join(base_dir, f"{core_repo}.sqlite"),
-        # Debian's libpq default; psycopg wheels were built with /tmp (psycopg2#521).
-        database_socket_dir="/var/run/postgresql",
-        database_host=_chosen_database_host(name, database_host, chosen["database"]),
-        database_tls_dir=join(base_dir, ".postgresql"), **chosen)
+        django_wsgi_application=wsgi_application.replace(":", "."), manage_py_path=join(
+            core_repo_dir, "manage.py"),
+        database_name=name, database_user=name, database_sqlite_path=join(
+            base_dir, f"{core_repo}.sqlite"),
+        database_socket_dir=_DATABASE_SOCKET_DIR, database_tls_dir=join(base_dir, ".postgresql"),
+        database_host=_chosen_database_host(name, database_host, chosen["database"]), **chosen)
 
 
 def _read_topology(name):

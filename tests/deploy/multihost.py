@@ -84,8 +84,10 @@ def debs():
     if not os.path.exists(os.path.join(path, "complete")):
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
-        test_deploy.sh(["apt-get", "download", "-o", "APT::Sandbox::User=root"]
-                       + BALANCER_DEBS, cwd=path)
+        download = ["apt-get", "download", "-o", "APT::Sandbox::User=root"] + BALANCER_DEBS
+        if testhosts.run(download, cwd=path, check=False, timeout=300).returncode != 0:
+            test_deploy.sh(["apt-get", "update", "-q"])  # a fresh machine has no lists yet
+            test_deploy.sh(download, cwd=path)
         open(os.path.join(path, "complete"), "w").close()
     return path
 

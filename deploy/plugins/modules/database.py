@@ -17,7 +17,7 @@ description:
     is asked or taken) and everything else from the network is rejected.
   - PostgreSQL is restarted when its configuration changes, reloaded when only C(pg_hba.conf)
     or a certificate does.
-version_added: "0.3.0"
+version_added: "0.4.0"
 author: stagetools contributors (!UNKNOWN)
 options:
   names:

@@ -584,8 +584,12 @@ class Installation:
             as_user(system, command, self.step, binds, umask="0077")
         except StepFailed as error:
             if self.backup and self.params["database_backup"]:
-                raise StepFailed(f"{error}\nThe backup {self.backup} is the database host's: "
-                                 "the play restores it") from None
+                # Its other app hosts still serve from this database: a restore would break
+                # them mid-request, so it is the operator's call (docs: several hosts).
+                raise StepFailed(f"{error}\nNothing switched; the database host keeps the "
+                                 f"backup {self.backup} taken before (restore it with "
+                                 "stagetools.deploy.database if the migration left changes)"
+                                 ) from None
             if self.backup:
                 self.step = "migrate (restoring the backup)"
                 waited = self.restore(self.backup)
