@@ -387,19 +387,7 @@ def test_the_audit_reports_each_host_of_the_installation(deployed, workdir, coll
 
 # -- the rolling upgrade, under load through the balancer
 
-MIGRATION_0002 = """from django.db import migrations, models
-
-
-class Migration(migrations.Migration):
-    dependencies = [("market", "0001_initial")]
-    operations = [
-        migrations.CreateModel(name="Tag", fields=[
-            ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False,
-                                       verbose_name="ID")),
-            ("name", models.CharField(max_length=50)),
-        ]),
-    ]
-"""
+MIGRATION_0002 = test_deploy.MIGRATION_0002.replace('("shop", ', '("market", ')
 # The second app host's health fails on this commit, the first one's does not.
 FAILS_ON_APP2 = """
 
@@ -498,3 +486,39 @@ def test_an_app_host_powered_off_under_load(deployed, hosts):
     assert out_after is not None and out_after <= 3.5, out_after
     assert load.requests - before > 50
     assert load.failed <= load.clients, load.errors
+
+
+# -- an operator's restore on the database host (the backup the rolling upgrade took)
+
+def test_an_operator_restores_the_backup_on_the_database_host(deployed, workdir, collections,
+                                                              inventory, versions, hosts):
+    db = hosts.by_role["db"]
+    directory = "/var/backups/stagetools/%s" % NAME
+    before_v2 = [name for name in db.run("ls %s" % directory).stdout.split()
+                 if name.endswith("-before-%s.pgdump" % versions["v2"][:12])]
+    assert len(before_v2) == 1, before_v2  # taken by the rolling upgrade, before 0002 ran
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections, ANSIBLE_NOCOLOR="1",
+               ANSIBLE_HOST_KEY_CHECKING="False")
+    arguments = {"names": [NAME], "restore": {NAME: "%s/%s" % (directory, before_v2[0])}}
+    result = subprocess.run(["ansible", "-i", inventory, fqdn("db"), "-m",
+                             "stagetools.deploy.database", "-a", json.dumps(arguments)],
+                            capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
+                            check=False)
+    assert result.returncode == 0 and "CHANGED" in result.stdout, result.stdout + result.stderr
+    migrations = "select count(*) from django_migrations where app = 'market' and name = '%s'"
+    ask = "runuser -u postgres -- psql -XqAt -d %s -c \"%s\"" % (NAME, migrations)
+    assert db.run(ask % "0001_initial").stdout.strip() == "1"
+    assert db.run(ask % "0002_tag").stdout.strip() == "0"  # as before the upgrade
+    # the role still owns what it owned, and only it may connect
+    owners = db.run("runuser -u postgres -- psql -XqAt -d %s -c \"select distinct tableowner "
+                    "from pg_tables where schemaname = 'public'\"" % NAME).stdout.split()
+    assert owners == [NAME], owners
+    # a path outside the installation's backups is refused, nothing dropped
+    arguments["restore"][NAME] = "/etc/passwd"
+    result = subprocess.run(["ansible", "-i", inventory, fqdn("db"), "-m",
+                             "stagetools.deploy.database", "-a", json.dumps(arguments)],
+                            capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
+                            check=False)
+    assert result.returncode != 0 and "not a backup of %s" % NAME in result.stdout, \
+        result.stdout
+    assert db.run(ask % "0001_initial").stdout.strip() == "1"

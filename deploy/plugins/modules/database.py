@@ -56,7 +56,8 @@ options:
     default: {}
   restore:
     description: By installation name, a backup of I(back_up) to put back (the database
-      dropped and restored as its role). The rolling upgrade does this when a migration fails.
+      dropped and restored as its role): the operator's call after a migration that failed
+      and left changes, since the other app hosts still serve from it.
     type: dict
     default: {}
 attributes:
