@@ -706,7 +706,6 @@ def _read_topology(name):
     The installation's own process reads it too (its unit maps root to nobody), so the rule
     is that the installation's user cannot change it: a regular file it does not own, that
     no group or other may write."""
-    import json
     parse_name(name)
     path = os.path.join(_TOPOLOGY_DIR, f"{name}.json")
     given, fix = f"the topology file '{path}'", "deploy the installation again; it writes the file"
@@ -716,12 +715,14 @@ def _read_topology(name):
             raise StagetoolsError(given, "its installation or others could change it", fix)
 
     try:
-        topology = json.loads(_read_regular_file(path, given, _TOPOLOGY_MAX_BYTES, fix,
-                                                 not_the_installations))
+        text = _read_regular_file(path, given, _TOPOLOGY_MAX_BYTES, fix, not_the_installations)
     except FileNotFoundError:
         return {"name": name, "database_host": ""}
-    except ValueError as error:  # also JSON's
-        raise StagetoolsError(given, getattr(error, "rule", "it is not JSON"), fix) from None
+    import json  # only where there is a file: on one host, an installation's start skips it
+    try:
+        topology = json.loads(text)
+    except ValueError:
+        raise StagetoolsError(given, "it is not JSON", fix) from None
     if not (isinstance(topology, dict) and set(topology) == {"name", "database_host"}
             and topology["name"] == name and isinstance(topology["database_host"], str)):
         raise StagetoolsError(given, "it is not a topology file of stagetools", fix)
