@@ -56,8 +56,8 @@ options:
     default: {}
   restore:
     description: By installation name, a backup of I(back_up) to put back (the database
-      dropped and restored as its role): the operator's call after a migration that failed
-      and left changes, since the other app hosts still serve from it.
+      dropped and restored as its role). It is the operator's call after a migration that
+      failed and left changes, since the other app hosts still serve from it.
     type: dict
     default: {}
 attributes:
