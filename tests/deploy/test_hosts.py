@@ -463,6 +463,42 @@ def test_a_failure_on_one_app_host_stops_the_roll_out_and_rolls_back(
     write_inventory(workdir, hosts, repo, {NAME: "v2"})
 
 
+# -- certificates due: issued again, served on, no request failed
+
+def test_certificates_due_are_issued_again_under_load(deployed, workdir, collections,
+                                                      inventory, hosts):
+    """A run that finds the certificates within tls_renew_days of their end (here: all of
+    them, 400 > their 365 days) issues them again; the database host reloads, the app hosts
+    take their new client certificates, the CA stays. Then a run changes nothing."""
+    app1, db = hosts.by_role["app1"], hosts.by_role["db"]
+    files = {app1: "/home/%s/.postgresql/postgresql.crt" % NAME,
+             db: "/etc/postgresql/stagetools/server.crt"}
+    ca = "/home/%s/.postgresql/root.crt" % NAME
+
+    def digest(host, path):
+        return host.run("sha256sum %s" % path).stdout.split()[0]
+
+    before = {host: digest(host, path) for host, path in files.items()}
+    ca_before = digest(app1, ca)
+    with test_deploy.Load(hosts.by_role["balancer"], NAME, path="/notes/") as load:
+        with timed("certificates issued again (4 hosts)"):
+            rc, output, recap = playbook(workdir, collections, inventory, "-e",
+                                         "tls_renew_days=400", timeout=1500)
+        time.sleep(2)
+    assert rc == 0, output[-6000:]
+    TIMES["certificates issued again: requests, failed"] = "%d, %d" % (load.requests,
+                                                                      load.failed)
+    assert load.requests > 50 and load.failed == 0, (load.requests, load.errors[:5])
+    for host, path in files.items():
+        assert digest(host, path) != before[host], (host.name, path)
+    assert digest(app1, ca) == ca_before
+    for host in app_hosts(hosts):  # each reaches its database with its new certificate
+        returncode, output = _check(host, NAME)
+        assert returncode == 0, output
+    rc, output, recap = playbook(workdir, collections, inventory, timeout=900)
+    assert rc == 0 and all(stats["changed"] == 0 for stats in recap.values()), recap
+
+
 # -- losing an app host: powered off under load
 
 def test_an_app_host_powered_off_under_load(deployed, hosts):
